@@ -1,0 +1,391 @@
+"""Statistics strategies ("approaches") for [`eqx_norm.BatchNorm`][].
+
+Every built-in approach keeps the same three arrays in the state: the per-channel
+mean and variance that inference uses, and a count. Because the stored statistics
+*are* the inference statistics, a model can switch approach on the same state.
+"""
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+class BatchStats(NamedTuple):
+    """The statistics of one training batch, per channel.
+
+    **Attributes:**
+
+    - `mean`: the batch mean, shape `(input_size,)`, float32 or wider.
+    - `var`: the biased (population) batch variance, same shape and dtype.
+    - `n`: the number of values per channel that the statistics were taken over
+        (batch size times the spatial size), a static Python `int`.
+    """
+
+    mean: Float[Array, " channels"]
+    var: Float[Array, " channels"]
+    n: int
+
+
+class RunningStats(NamedTuple):
+    """The running statistics of one layer, as kept in `eqx.nn.State`.
+
+    **Attributes:**
+
+    - `mean`: the per-channel mean that inference uses, shape `(input_size,)`.
+    - `var`: the per-channel variance that inference uses, same shape.
+    - `counter`: an int32 scalar: how many training steps have updated the statistics
+        (for the `running` approach: how many values, capped at `max_count`).
+    """
+
+    mean: Float[Array, " channels"]
+    var: Float[Array, " channels"]
+    counter: Int[Array, ""]
+
+
+class Approach(eqx.Module):
+    """The base class of a statistics strategy: how a training batch is normalised,
+    how the running statistics evolve, and what inference uses.
+
+    A strategy is a small object with three methods. Subclass it to write your own;
+    the layer needs nothing else:
+
+    ```python
+    class HalfAndHalf(eqx_norm.Approach):
+        # Normalise with the average of batch and running statistics.
+        def train(self, batch, running, momentum, eps):
+            mean = 0.5 * (batch.mean + running.mean)
+            var = 0.5 * (batch.var + running.var)
+            new = eqx_norm.RunningStats(
+                momentum * running.mean + (1 - momentum) * batch.mean,
+                momentum * running.var + (1 - momentum) * batch.var,
+                running.counter + 1,
+            )
+            return mean, var, new
+
+    bn = eqx_norm.BatchNorm(8, "batch", approach=HalfAndHalf())
+    ```
+
+    Hyperparameters of a strategy should be `eqx.field(static=True)`.
+    """
+
+    needs_batch_variance: ClassVar[bool] = True
+    """Whether training needs a batch variance, i.e. more than one value per channel."""
+
+    def init(self, input_size: int, dtype) -> RunningStats:
+        """The running statistics before any training step.
+
+        **Arguments:**
+
+        - `input_size`: the number of channels.
+        - `dtype`: the floating dtype of the statistics (float32 or wider).
+
+        **Returns:**
+
+        A [`eqx_norm.RunningStats`][]: mean 0, variance 1, counter 0, so that inference
+        before any training step is the identity (before the affine transform).
+        """
+        return RunningStats(
+            mean=jnp.zeros((input_size,), dtype),
+            var=jnp.ones((input_size,), dtype),
+            counter=jnp.array(0, jnp.int32),
+        )
+
+    @abc.abstractmethod
+    def train(
+        self, batch: BatchStats, running: RunningStats, momentum: float, eps: float
+    ) -> tuple[Float[Array, " channels"], Float[Array, " channels"], RunningStats]:
+        """One training step.
+
+        **Arguments:**
+
+        - `batch`: this batch's [`eqx_norm.BatchStats`][]. Its `mean` and `var` carry
+            gradients: whatever share of them the returned statistics contain is
+            what gradients flow through.
+        - `running`: the running statistics before this step.
+        - `momentum`: the layer's momentum (the weight of the old value).
+        - `eps`: the layer's eps; the output is `(x - mean) / sqrt(var + eps)`.
+
+        **Returns:**
+
+        A 3-tuple `(mean, var, new_running)`: the statistics that normalise this
+        batch, and the running statistics after this step.
+        """
+
+    def infer(
+        self, running: RunningStats, momentum: float
+    ) -> tuple[Float[Array, " channels"], Float[Array, " channels"]]:
+        """The statistics inference uses, from the running statistics.
+
+        **Arguments:**
+
+        - `running`: the running statistics.
+        - `momentum`: the layer's momentum.
+
+        **Returns:**
+
+        A 2-tuple `(mean, var)`. The default returns the stored mean and variance.
+        """
+        del momentum
+        return running.mean, running.var
+
+
+def _debiased_ema(
+    running: RunningStats, mean: Array, var: Array, momentum: float
+) -> RunningStats:
+    """A zero-debiased exponential moving average, stored already debiased.
+
+    With $h_t = m h_{t-1} + (1-m) s_t$, $h_0 = 0$, the debiased value
+    $R_t = h_t / (1 - m^t)$ satisfies
+    $R_t = R_{t-1} + \\frac{1 - m}{1 - m^t} (s_t - R_{t-1})$, so storing $R$ and $t$
+    is the same as storing $h$ and $t$, and $R$ is what inference uses directly.
+    """
+    t = running.counter + 1
+    dtype = running.mean.dtype
+    weight = (1 - momentum) / (1 - jnp.asarray(momentum, dtype) ** t.astype(dtype))
+    return RunningStats(
+        mean=running.mean + weight * (mean - running.mean),
+        var=running.var + weight * (var - running.var),
+        counter=t,
+    )
+
+
+def _unbiased(batch: BatchStats) -> Array:
+    return batch.var * (batch.n / (batch.n - 1))
+
+
+class Batch(Approach):
+    r"""Normalise with the batch statistics; keep a zero-debiased EMA for inference.
+
+    In training step $t$ the batch is normalised with its own mean $\mu_t$ and
+    biased variance $v_t$. The running statistics are
+
+    $$h_t = m h_{t-1} + (1-m) s_t, \quad h_0 = 0, \quad
+    \text{running}_t = \frac{h_t}{1 - m^t}, \quad
+    s_t = \left(\mu_t, v_t \tfrac{n}{n-1}\right)$$
+
+    (unbiased variance, as PyTorch and Flax keep). Inference uses the running
+    statistics; before any step, mean 0 and variance 1. This is the default, and what
+    `eqx.nn.BatchNorm(mode="batch")` intended, without its start-up bias.
+    """
+
+    def train(self, batch, running, momentum, eps):
+        del eps
+        new = _debiased_ema(running, batch.mean, _unbiased(batch), momentum)
+        return batch.mean, batch.var, new
+
+
+class EMA(Approach):
+    r"""Normalise a training batch with an exponential moving average that includes it
+    (Equinox's original `mode="ema"`).
+
+    $$r_1 = (\mu_1, v_1), \qquad r_t = m r_{t-1} + (1-m) (\mu_t, v_t)$$
+
+    Training normalises with $r_t$ and inference with $r_T$. Gradients flow only
+    through the $(1-m)$ share of the batch statistics: with $m$ near 1 the layer
+    hardly normalises what it is given, the cause of the gradient spikes in
+    Equinox issue #659. Kept for comparison and for reproducing old models.
+    """
+
+    def train(self, batch, running, momentum, eps):
+        del eps
+        first = running.counter == 0
+        mean = jnp.where(
+            first, batch.mean, momentum * running.mean + (1 - momentum) * batch.mean
+        )
+        var = jnp.where(
+            first, batch.var, momentum * running.var + (1 - momentum) * batch.var
+        )
+        return mean, var, RunningStats(mean, var, running.counter + 1)
+
+
+class AdamCorrection(Approach):
+    r"""Normalise with a zero-debiased EMA that includes this batch, as Adam debiases
+    its moments.
+
+    $$h_t = m h_{t-1} + (1-m)(\mu_t, v_t), \quad h_0 = 0,$$
+
+    training normalises with $h_t / (1 - m^t)$, and inference uses
+    $h_T / (1 - m^T)$. At $t = 1$ this is exactly the batch statistics.
+    """
+
+    def train(self, batch, running, momentum, eps):
+        del eps
+        new = _debiased_ema(running, batch.mean, batch.var, momentum)
+        return new.mean, new.var, new
+
+
+class SmoothStart(Approach):
+    r"""Normalise with the EMA plus the missing weight put on this batch.
+
+    $$h_t = m h_{t-1} + (1-m)(\mu_t, v_t), \quad h_0 = 0,$$
+
+    training normalises with $h_t + m^t (\mu_t, v_t)$ (the weights sum to one, and at
+    $t = 1$ it is the batch statistics), and inference uses $h_T / (1 - m^T)$.
+    The state stores $h_t / (1 - m^t)$.
+    """
+
+    def train(self, batch, running, momentum, eps):
+        del eps
+        new = _debiased_ema(running, batch.mean, batch.var, momentum)
+        dtype = running.mean.dtype
+        m_t = jnp.asarray(momentum, dtype) ** new.counter.astype(dtype)
+        # h_{t-1} = (1 - m^{t-1}) R_{t-1}, so m h_{t-1} = (m - m^t) R_{t-1}.
+        old_weight = momentum - m_t
+        batch_weight = 1 - momentum + m_t
+        mean = old_weight * running.mean + batch_weight * batch.mean
+        var = old_weight * running.var + batch_weight * batch.var
+        return mean, var, new
+
+
+class Frozen(Approach):
+    """Normalise with the stored statistics in training and inference alike; never
+    update them. Weight and bias still learn.
+
+    For fine-tuning a pretrained model, with any batch size (1 included): the
+    correct version of calling `.eval()` on the BatchNorm layers only.
+    """
+
+    needs_batch_variance: ClassVar[bool] = False
+
+    def train(self, batch, running, momentum, eps):
+        del batch, momentum, eps
+        return running.mean, running.var, running
+
+
+class Running(Approach):
+    r"""A capped-count running mean and variance, used in training and inference
+    (fastai's `RunningBatchNorm`).
+
+    Each batch is merged into the running statistics with Chan et al.'s parallel
+    Welford update, weighted by its size $n$ against the stored count $c$:
+
+    $$\delta = \mu_t - \bar\mu, \quad
+    \bar\mu' = \bar\mu + \delta \frac{n}{c + n}, \quad
+    \bar v' = \frac{c \bar v + n v_t + \delta^2 c n / (c + n)}{c + n},$$
+
+    and the count becomes $\min(c + n, \text{max\_count})$, so that old batches
+    fade once `max_count` values have been seen. Training normalises with the
+    merged statistics, so it works with one value per channel (batch size 1).
+
+    **Arguments:**
+
+    - `max_count`: the most values the running statistics stand for (default 256).
+    """
+
+    max_count: int = eqx.field(static=True, default=256)
+    needs_batch_variance: ClassVar[bool] = False
+
+    def __check_init__(self):
+        if self.max_count < 1:
+            raise ValueError(
+                f"`max_count` must be a positive number of values, got "
+                f"{self.max_count}; for example `Running(max_count=256)`."
+            )
+
+    def train(self, batch, running, momentum, eps):
+        del momentum, eps
+        dtype = running.mean.dtype
+        c = running.counter.astype(dtype)
+        n = batch.n
+        total = c + n
+        delta = batch.mean - running.mean
+        mean = running.mean + delta * (n / total)
+        m2 = c * running.var + n * batch.var + delta**2 * (c * n / total)
+        var = m2 / total
+        count = jnp.minimum(running.counter + n, self.max_count).astype(jnp.int32)
+        return mean, var, RunningStats(mean, var, count)
+
+
+class Renorm(Approach):
+    r"""Batch Renormalization (Ioffe, 2017).
+
+    $$y = \frac{x - \mu_B}{\sigma_B} r + d, \quad
+    r = \operatorname{sg}\left(\operatorname{clip}\left(\frac{\sigma_B}{\sigma},
+    \frac{1}{r_\max}, r_\max\right)\right), \quad
+    d = \operatorname{sg}\left(\operatorname{clip}\left(\frac{\mu_B - \mu}{\sigma},
+    -d_\max, d_\max\right)\right)$$
+
+    with $\sigma_B = \sqrt{v_B + \varepsilon}$, $\sigma = \sqrt{\text{var} +
+    \varepsilon}$ from the running statistics, and sg the stop-gradient. Before any
+    step there are no running statistics, so the first step uses $r = 1, d = 0$.
+    The running statistics are kept as in [`eqx_norm.Batch`][] and used by
+    inference. Training returns the equivalent normalising statistics
+    $\mu_B - d \sigma_B / r$ and $\sigma_B^2 / r^2 - \varepsilon$.
+
+    **Arguments:**
+
+    - `r_max`: the largest correction of the scale (at least 1; default 3).
+    - `d_max`: the largest correction of the shift, in running standard deviations
+        (at least 0; default 5).
+
+    ??? cite
+
+        [Batch Renormalization: Towards Reducing Minibatch Dependence in
+        Batch-Normalized Models](https://arxiv.org/abs/1702.03275)
+
+        ```bibtex
+        @inproceedings{ioffe2017batch,
+            title={Batch Renormalization: Towards Reducing Minibatch Dependence in
+                   Batch-Normalized Models},
+            author={Ioffe, Sergey},
+            booktitle={Advances in Neural Information Processing Systems},
+            year={2017}
+        }
+        ```
+    """
+
+    r_max: float = eqx.field(static=True, default=3.0)
+    d_max: float = eqx.field(static=True, default=5.0)
+
+    def __check_init__(self):
+        if not self.r_max >= 1:
+            raise ValueError(f"`r_max` must be at least 1, got {self.r_max}.")
+        if not self.d_max >= 0:
+            raise ValueError(f"`d_max` must be at least 0, got {self.d_max}.")
+
+    def train(self, batch, running, momentum, eps):
+        sigma_b = jnp.sqrt(batch.var + eps)
+        sigma = jnp.sqrt(running.var + eps)
+        first = running.counter == 0
+        r = jnp.clip(sigma_b / sigma, 1 / self.r_max, self.r_max)
+        d = jnp.clip((batch.mean - running.mean) / sigma, -self.d_max, self.d_max)
+        r = jax.lax.stop_gradient(jnp.where(first, 1, r))
+        d = jax.lax.stop_gradient(jnp.where(first, 0, d))
+        mean = batch.mean - d * sigma_b / r
+        var = (batch.var + eps) / r**2 - eps
+        new = _debiased_ema(running, batch.mean, _unbiased(batch), momentum)
+        return mean, var, new
+
+
+APPROACHES: dict[str, type[Approach]] = {
+    "batch": Batch,
+    "ema": EMA,
+    "adam-correction": AdamCorrection,
+    "smooth-start": SmoothStart,
+    "frozen": Frozen,
+    "running": Running,
+    "renorm": Renorm,
+}
+
+
+def as_approach(approach: "str | Approach") -> Approach:
+    """The strategy object for a string (with its defaults) or a strategy object."""
+    if isinstance(approach, str):
+        try:
+            return APPROACHES[approach]()
+        except KeyError:
+            known = ", ".join(repr(k) for k in APPROACHES)
+            raise ValueError(
+                f"Unknown `approach={approach!r}`. Use one of {known}, or pass a "
+                "strategy object such as `eqx_norm.Running(max_count=512)`."
+            ) from None
+    if isinstance(approach, Approach):
+        return approach
+    raise TypeError(
+        "`approach` must be a string or an `eqx_norm.Approach` instance, got "
+        f"{type(approach).__name__}. Subclass `eqx_norm.Approach` to write a strategy."
+    )

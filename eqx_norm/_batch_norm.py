@@ -1,0 +1,296 @@
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
+
+
+def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    size = 1
+    for name in names:
+        try:
+            size *= lax.axis_size(name)
+        except NameError:
+            raise NameError(
+                f"`eqx_norm.BatchNorm(axis_name={axis_name!r})` found no mapped axis "
+                f"named {name!r}. Call the model inside `jax.vmap(..., axis_name="
+                f"{name!r})` (or `shard_map` over a mesh axis of that name), e.g. "
+                "`jax.vmap(model, in_axes=(0, None), out_axes=(0, None), "
+                f"axis_name={name!r})(x, state)`."
+            ) from None
+    return size
+
+
+def _all_finite(*xs: Array) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    r"""Batch normalisation with a choice of how running statistics are kept and used.
+
+    For an input with $C$ channels, each channel $i$ is normalised as
+
+    $$y_i = \frac{x_i - \mu_i}{\sqrt{\sigma^2_i + \varepsilon}} \gamma_i + \beta_i$$
+
+    where the statistics $(\mu, \sigma^2)$ come from the `approach`: in training a
+    mix of this batch's statistics (over the batch and all spatial axes) and the
+    running statistics, in inference the running statistics alone. The table of
+    approaches:
+
+    | `approach` | training normalises with | inference uses |
+    |---|---|---|
+    | `"batch"` (default) | the batch statistics | debiased EMA, unbiased variance |
+    | `"ema"` | EMA including this batch | the EMA |
+    | `"adam-correction"` | debiased EMA including this batch | the same |
+    | `"smooth-start"` | EMA plus $m^t$ times this batch | debiased EMA |
+    | `"frozen"` | the stored statistics, never updated | the same |
+    | `"running"` | capped-count running statistics | the same |
+    | `"renorm"` | Batch Renormalization | debiased EMA |
+
+    See [`eqx_norm.Batch`][], [`eqx_norm.EMA`][], [`eqx_norm.AdamCorrection`][],
+    [`eqx_norm.SmoothStart`][], [`eqx_norm.Frozen`][], [`eqx_norm.Running`][] and
+    [`eqx_norm.Renorm`][] for the exact formulas, and [`eqx_norm.Approach`][] to write
+    your own.
+
+    All statistics live in an `eqx.nn.State` as a [`eqx_norm.RunningStats`][]
+    (mean and variance as inference uses them, and a count), the same arrays for
+    every built-in approach, so one model can switch approach on the same state.
+    They are kept in float32 (or `dtype`, if wider) whatever the input's dtype; the
+    output has the input's dtype.
+
+    The batch mean and second moment are reduced across `axis_name` in one
+    collective. So that large offsets do not cancel in $E[x^2] - E[x]^2$, the input
+    is first shifted by the current inference mean (a constant for the gradient):
+    the batch variance then keeps about $7 - 2\log_{10} k$ significant digits in
+    float32, where $k$ is the distance between the batch mean and the running mean
+    in batch standard deviations. Once the running mean has caught up with the data
+    $k$ is small whatever the offset; on the first step the shift is 0 (the initial
+    mean), so data far from zero loses precision in that step's variance only (for
+    a mean of 1000 standard deviations, the first step's variance is good to about
+    5%).
+
+    A batch whose statistics are not finite (NaN or infinity) leaves the running
+    statistics untouched; its output is still what the formula gives.
+
+    !!! warning
+
+        This layer must be used inside a `jax.vmap` (or `shard_map`) with a matching
+        `axis_name`, as `eqx.nn.BatchNorm`.
+
+    ??? cite
+
+        [Batch Normalization: Accelerating Deep Network Training by Reducing
+         Internal Covariate Shift](https://arxiv.org/abs/1502.03167)
+
+        ```bibtex
+        @inproceedings{ioffe2015batch,
+            title={Batch Normalization: Accelerating Deep Network Training by
+                   Reducing Internal Covariate Shift},
+            author={Ioffe, Sergey and Szegedy, Christian},
+            booktitle={International Conference on Machine Learning},
+            pages={448--456},
+            year={2015}
+        }
+        ```
+    """
+
+    weight: Float[Array, " input_size"] | None
+    bias: Float[Array, " input_size"] | None
+    state_index: eqx.nn.StateIndex[RunningStats]
+    approach: Approach = eqx.field(static=True)
+    axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable],
+        approach: str | Approach = "batch",
+        momentum: float = 0.99,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        inference: bool = False,
+        dtype=None,
+    ):
+        """**Arguments:**
+
+        - `input_size`: the number of channels; each example has shape
+            `(input_size, *spatial)`.
+        - `axis_name`: the name of the batch axis to compute statistics over, as
+            given to `jax.vmap` or `shard_map`; a tuple of names reduces over all of
+            them (in one collective).
+        - `approach`: how statistics are used and kept: one of `"batch"`, `"ema"`,
+            `"adam-correction"`, `"smooth-start"`, `"frozen"`, `"running"`,
+            `"renorm"`, or an [`eqx_norm.Approach`][] object.
+        - `momentum`: the weight of the old value in moving averages, in [0, 1)
+            (the Equinox/Flax convention; PyTorch's `momentum=0.1` is 0.9 here).
+        - `eps`: added to the variance before the square root; at least 0.
+        - `channelwise_affine`: whether to learn a per-channel weight and bias.
+        - `inference`: if `True`, normalise with the running statistics and leave
+            them unchanged. Toggled by `eqx.nn.inference_mode`, or per call.
+        - `dtype`: the dtype of the weight and bias, and of the statistics if wider
+            than float32. Defaults to float32 (float64 with `jax_enable_x64`).
+
+        **Raises:**
+
+        A `ValueError` for a non-positive `input_size`, an unknown `approach`,
+        `momentum` outside [0, 1) or a negative `eps`.
+        """
+        if not (isinstance(input_size, int) and input_size > 0):
+            raise ValueError(
+                f"`input_size` must be a positive int (the number of channels), got "
+                f"{input_size!r}."
+            )
+        if not 0 <= momentum < 1:
+            raise ValueError(
+                f"`momentum` must be in [0, 1), got {momentum}. It is the weight of "
+                "the old value: PyTorch's `momentum=0.1` is `momentum=0.9` here."
+            )
+        if not eps >= 0:
+            raise ValueError(f"`eps` must be at least 0, got {eps}; e.g. `eps=1e-5`.")
+        self.approach = as_approach(approach)
+        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        if dtype == jnp.float32 and jax.config.read("jax_enable_x64"):
+            dtype = jnp.dtype(jnp.float64)
+        stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        if channelwise_affine:
+            self.weight = jnp.ones((input_size,), dtype)
+            self.bias = jnp.zeros((input_size,), dtype)
+        else:
+            self.weight = None
+            self.bias = None
+        self.state_index = eqx.nn.StateIndex(
+            self.approach.init(input_size, stats_dtype)
+        )
+        self.axis_name = axis_name
+        self.inference = inference
+        self.input_size = input_size
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.momentum = momentum
+
+    def statistics(
+        self, state: eqx.nn.State
+    ) -> tuple[Float[Array, " input_size"], Float[Array, " input_size"]]:
+        """The per-channel statistics that inference would use now.
+
+        **Arguments:**
+
+        - `state`: the `eqx.nn.State` holding this layer's statistics.
+
+        **Returns:**
+
+        A 2-tuple `(mean, var)` of arrays of shape `(input_size,)`.
+        """
+        return self.approach.infer(state.get(self.state_index), self.momentum)
+
+    def with_approach(self, approach: str | Approach) -> "BatchNorm":
+        """This layer with another approach; its state stays valid.
+
+        **Arguments:**
+
+        - `approach`: as in `__init__`.
+
+        **Returns:**
+
+        A new `BatchNorm`, sharing weight, bias and state index with this one.
+        """
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        object.__setattr__(new, "approach", as_approach(approach))
+        return new
+
+    @jax.named_scope("eqx_norm.BatchNorm")
+    def __call__(
+        self,
+        x: Array,
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[Array, eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: an array of shape `(input_size, *spatial)`: one example.
+        - `state`: the `eqx.nn.State` holding the running statistics.
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `inference`: overrides `self.inference` for this call if not `None`.
+
+        **Returns:**
+
+        A 2-tuple of the output (same shape and dtype as `x`) and the new state.
+
+        **Raises:**
+
+        - `ValueError` if `x` does not have `input_size` channels, or if the batch
+            has a single value per channel and the approach needs a batch variance.
+        - `NameError` if no enclosing `vmap`/`shard_map` has the `axis_name`.
+        """
+        del key
+        if inference is None:
+            inference = self.inference
+        if x.ndim == 0 or x.shape[0] != self.input_size:
+            raise ValueError(
+                f"`eqx_norm.BatchNorm(input_size={self.input_size})` got an example "
+                f"of shape {tuple(x.shape)}; each example must have shape "
+                f"(input_size, *spatial) = ({self.input_size}, ...). Check "
+                "`input_size`, or vmap the layer over the batch axis."
+            )
+        running = state.get(self.state_index)
+        dtype = running.mean.dtype
+        spatial = tuple(range(1, x.ndim))
+        if inference:
+            mean, var = self.approach.infer(running, self.momentum)
+            shift = mean
+            xc = x.astype(dtype) - jnp.expand_dims(shift, spatial)
+        else:
+            n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
+            if n == 1 and self.approach.needs_batch_variance:
+                works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
+                raise ValueError(
+                    f"`eqx_norm.BatchNorm(approach={type(self.approach).__name__}())`"
+                    " got one value per channel in a training batch (batch size 1 "
+                    "and no spatial axes), so there is no batch variance. Use "
+                    f"`approach=` one of {works}, or a larger batch."
+                )
+            # Shift by the current inference mean so that large offsets do not
+            # cancel in E[x^2] - E[x]^2; the shift is a constant for the gradient.
+            shift, _ = self.approach.infer(running, self.momentum)
+            shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
+            xc = x.astype(dtype) - jnp.expand_dims(shift, spatial)
+            # Mean and second moment in one collective.
+            moments = jnp.stack([jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)])
+            centred_mean, second = lax.pmean(moments, self.axis_name)
+            batch = BatchStats(
+                mean=centred_mean + shift,
+                var=jnp.maximum(second - centred_mean**2, 0),
+                n=n,
+            )
+            mean, var, new_running = self.approach.train(
+                batch, running, self.momentum, self.eps
+            )
+            keep = _all_finite(batch.mean, batch.var, *jax.tree.leaves(new_running))
+            new_running = jax.tree.map(
+                lambda new, old: jnp.where(keep, new, old), new_running, running
+            )
+            state = state.set(self.state_index, new_running)
+        scale = lax.rsqrt(var.astype(dtype) + self.eps)
+        offset = -(mean.astype(dtype) - shift) * scale
+        if self.channelwise_affine:
+            assert self.weight is not None and self.bias is not None
+            scale = scale * self.weight.astype(dtype)
+            offset = offset * self.weight.astype(dtype) + self.bias.astype(dtype)
+        out = xc * jnp.expand_dims(scale, spatial) + jnp.expand_dims(offset, spatial)
+        return out.astype(x.dtype), state

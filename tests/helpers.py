@@ -1,0 +1,65 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_norm
+
+
+def apply(layer, x, state, *, inference=None, axis_name="batch"):
+    """Run a per-example layer over the leading batch axis of `x`."""
+    kwargs = {} if inference is None else {"inference": inference}
+    return jax.vmap(
+        lambda xi, s: layer(xi, s, **kwargs),
+        in_axes=(0, None),
+        out_axes=(0, None),
+        axis_name=axis_name,
+    )(x, state)
+
+
+def make(input_size=3, **kwargs):
+    kwargs.setdefault("axis_name", "batch")
+    return eqx.nn.make_with_state(eqx_norm.BatchNorm)(input_size, **kwargs)
+
+
+def with_affine(bn, key):
+    wkey, bkey = jax.random.split(key)
+    n = bn.input_size
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        bn,
+        (
+            1 + 0.5 * jax.random.normal(wkey, (n,)),
+            0.3 * jax.random.normal(bkey, (n,)),
+        ),
+    )
+
+
+@eqx.filter_jit
+def train_step(bn, x, g, state):
+    """Output, input gradient of sum(g * y), and the new state."""
+
+    def loss(x):
+        y, new_state = apply(bn, x, state)
+        return jnp.sum(g * y), (y, new_state)
+
+    (_, (y, new_state)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+    return y, dx, new_state
+
+
+def batches(key, steps, shape, dtype=jnp.float32):
+    """Batches whose per-channel mean and scale drift from step to step, as the
+    activations of a network in training do."""
+    c = shape[1]
+    k1, k2, key = jax.random.split(key, 3)
+    base_mean = 2 * jax.random.normal(k1, (c,))
+    base_scale = jnp.exp(0.3 * jax.random.normal(k2, (c,)))
+    idx = (None, slice(None)) + (None,) * (len(shape) - 2)
+    out = []
+    for t, k in enumerate(jax.random.split(key, steps)):
+        mean = base_mean + 0.5 * jnp.sin(t / 5 + jnp.arange(c, dtype=jnp.float32))
+        scale = base_scale * (
+            1 + 0.3 * jnp.cos(t / 7 + jnp.arange(c, dtype=jnp.float32))
+        )
+        x = mean[idx] + scale[idx] * jax.random.normal(k, shape)
+        out.append(x.astype(dtype))
+    return out

@@ -1,0 +1,363 @@
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_norm
+
+from .helpers import apply, batches, make, train_step, with_affine
+from .reference import REFERENCES, FrozenRef
+
+APPROACHES = list(eqx_norm._approaches.APPROACHES)
+F64 = np.float64
+
+
+def _close(actual, expected, rtol, what):
+    actual = np.asarray(actual, F64)
+    scale = np.max(np.abs(expected)) + 1e-12
+    np.testing.assert_allclose(
+        actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what
+    )
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (4, 3, 2, 3)])
+def test_matches_float64_reference(approach, shape, getkey):
+    """50 steps, momentum 0.9, drifting batches: outputs, input gradients and
+    statistics in training and inference, against the float64 formulas."""
+    momentum = 0.9
+    bn, state = make(3, approach=approach, momentum=momentum)
+    bn = with_affine(bn, getkey())
+    w, b = np.asarray(bn.weight, F64), np.asarray(bn.bias, F64)
+    ref = REFERENCES[approach](3, momentum)
+    if approach == "frozen":
+        # Freeze statistics that a few `batch` steps produced.
+        warm, state = make(3, momentum=momentum)
+        warm_ref = REFERENCES["batch"](3, momentum)
+        for x in batches(getkey(), 3, shape):
+            _, _, state = train_step(warm, x, jnp.ones_like(x), state)
+            warm_ref.step(np.asarray(x, F64), np.ones(x.shape), w, b)
+        ref = FrozenRef(3, momentum, mean=warm_ref.infer()[0], var=warm_ref.infer()[1])
+    for t, x in enumerate(batches(getkey(), 50, shape)):
+        g = jax.random.normal(getkey(), shape)
+        y, dx, state = train_step(bn, x, g, state)
+        y_ref, dx_ref = ref.step(np.asarray(x, F64), np.asarray(g, F64), w, b)
+        _close(y, y_ref, 1e-5, f"training output, step {t + 1}")
+        _close(dx, dx_ref, 1e-5, f"input gradient, step {t + 1}")
+        mean, var = bn.statistics(state)
+        mean_ref, var_ref = ref.infer()
+        _close(mean, mean_ref, 1e-5, f"running mean, step {t + 1}")
+        _close(var, var_ref, 1e-5, f"running variance, step {t + 1}")
+        if t % 10 == 9:
+            y_inf, state_inf = apply(bn, x, state, inference=True)
+            _close(y_inf, ref.inference(np.asarray(x, F64), w, b), 1e-5, "inference")
+            assert state_inf is state or jax.tree.all(
+                jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state_inf, state)
+            )
+
+
+def test_ema_matches_equinox_step_for_step(getkey):
+    ours, state = make(3, approach="ema", momentum=0.9)
+    theirs, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        3, "batch", momentum=0.9, mode="ema"
+    )
+    for t, x in enumerate(batches(getkey(), 20, (16, 3, 4))):
+        g = jax.random.normal(getkey(), x.shape)
+        y, dx, state = train_step(ours, x, g, state)
+        y_eqx, dx_eqx, eqx_state = train_step(theirs, x, g, eqx_state)
+        np.testing.assert_allclose(y, y_eqx, rtol=1e-5, atol=1e-5, err_msg=f"{t}")
+        np.testing.assert_allclose(dx, dx_eqx, rtol=1e-5, atol=1e-5, err_msg=f"{t}")
+        y_inf, _ = apply(ours, x, state, inference=True)
+        y_inf_eqx, _ = apply(theirs, x, eqx_state, inference=True)
+        np.testing.assert_allclose(y_inf, y_inf_eqx, rtol=1e-5, atol=1e-5)
+
+
+def test_equinox_batch_mode_startup_bias(getkey):
+    """Regression: eqx.nn.BatchNorm(mode="batch") starts its hidden variance at 1 and
+    then zero-debiases it, so after one step on N(0, 2^2) data inference divides by
+    sqrt(103) instead of 2. Here inference output std must be 1 within 2%."""
+    bn, state = make(4)
+    x = 2.0 * jax.random.normal(getkey(), (256, 4, 8))
+    _, state = apply(bn, x, state)
+    y, _ = apply(bn, x, state, inference=True)
+    np.testing.assert_allclose(np.std(np.asarray(y), axis=(0, 2)), 1.0, rtol=0.02)
+    np.testing.assert_allclose(
+        bn.statistics(state)[1], np.var(x, axis=(0, 2), ddof=1), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_inference_before_training_is_identity(approach, getkey):
+    bn, state = make(5, approach=approach, eps=0.0)
+    x = jax.random.normal(getkey(), (7, 5, 3))
+    y, new_state = apply(bn, x, state, inference=True)
+    np.testing.assert_array_equal(y, x)
+    mean, var = bn.statistics(new_state)
+    np.testing.assert_array_equal(mean, np.zeros(5))
+    np.testing.assert_array_equal(var, np.ones(5))
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_serialise_round_trip(approach, tmp_path, getkey):
+    bn, state = make(3, approach=approach)
+    bn = with_affine(bn, getkey())
+    for x in batches(getkey(), 3, (8, 3, 2)):
+        _, state = apply(bn, x, state)
+    path = tmp_path / "model.eqx"
+    eqx.tree_serialise_leaves(path, (bn, state))
+    like = make(3, approach=approach)
+    bn2, state2 = eqx.tree_deserialise_leaves(path, like)
+    x = batches(getkey(), 1, (8, 3, 2))[0]
+    for inference in (True, False):
+        y, s = apply(bn, x, state, inference=inference)
+        y2, s2 = apply(bn2, x, state2, inference=inference)
+        np.testing.assert_array_equal(y, y2)
+        for a, b in zip(bn.statistics(s), bn2.statistics(s2)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_keeps_float32_statistics(dtype, getkey):
+    """eqx.nn.BatchNorm normalises a bf16 batch of mean 1000 and std 1 to mean -1.02
+    and std 0.04. Here statistics are float32: from the second step on (the first
+    has no running mean to shift by), the batch is normalised to mean 0 and std 1 up
+    to the rounding of the half-precision output."""
+    bn, state = make(4, momentum=0.9)
+    step = jax.jit(lambda x, s: apply(bn, x, s))
+    for t in range(3):
+        x = (1000 + jax.random.normal(getkey(), (64, 4, 16))).astype(dtype)
+        y, state = step(x, state)
+        assert y.dtype == dtype
+        xs = np.asarray(x, F64)  # the values the layer actually saw
+        mu = xs.mean((0, 2), keepdims=True)
+        y_ref = (xs - mu) / np.sqrt(xs.var((0, 2), keepdims=True) + 1e-5)
+        if t >= 1:
+            half_ulp = float(jnp.finfo(dtype).eps)
+            np.testing.assert_allclose(np.asarray(y, F64), y_ref, atol=4 * half_ulp * 4)
+            yf = np.asarray(y, F64)
+            assert np.all(np.abs(yf.mean((0, 2))) < 0.01)
+            np.testing.assert_allclose(yf.std((0, 2)), 1.0, atol=0.01)
+    mean, var = bn.statistics(state)
+    assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
+    assert np.all(np.abs(np.asarray(mean) - 1000) < 0.5)
+
+
+def test_large_offset_does_not_cancel(getkey):
+    """float32 data whose mean is 1000 standard deviations: from the second step on
+    the training output matches float64 within 1e-3."""
+    bn, state = make(3, momentum=0.9)
+    ref = REFERENCES["batch"](3, 0.9)
+    ones = np.ones(3)
+    for t in range(10):
+        x = 1000.0 + jax.random.normal(getkey(), (32, 3, 8))
+        g = jnp.zeros_like(x)
+        y, _, state = train_step(bn, x, g, state)
+        y_ref, _ = ref.step(np.asarray(x, F64), np.asarray(g, F64), ones, 0 * ones)
+        if t >= 1:
+            np.testing.assert_allclose(y, y_ref, atol=1e-3, err_msg=f"step {t + 1}")
+
+
+def _count_collectives(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in {"psum", "pmean", "pmax", "pmin", "all_gather"}:
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _count_collectives(sub)
+    return count
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("axis_name", ["batch", ("outer", "inner")])
+def test_one_collective_per_call(approach, axis_name, getkey):
+    bn, state = make(3, approach=approach, axis_name=axis_name)
+    x = jax.random.normal(getkey(), (3, 4))
+
+    def train(x):
+        # A fresh copy each trace: a State may be used once.
+        return bn(x, jax.tree.map(lambda a: a, state))[0]
+
+    env = [
+        (name, 4)
+        for name in ((axis_name,) if isinstance(axis_name, str) else axis_name)
+    ]
+    jaxpr = jax.make_jaxpr(train, axis_env=env)(x)
+    assert _count_collectives(jaxpr.jaxpr) == 1
+    grad_jaxpr = jax.make_jaxpr(
+        jax.grad(lambda x: jnp.sum(train(x) ** 2)), axis_env=env
+    )(x)
+    # The backward pass of a pmean is one more pmean (of the cotangents).
+    assert _count_collectives(grad_jaxpr.jaxpr) <= 2
+
+
+def test_nested_axis_names_equal_one_flat_axis(getkey):
+    flat, state = make(3, momentum=0.8)
+    nested, nstate = make(3, momentum=0.8, axis_name=("outer", "inner"))
+    for x in batches(getkey(), 4, (12, 3, 5)):
+        y, state = apply(flat, x, state)
+        f = jax.vmap(
+            jax.vmap(nested, in_axes=(0, None), out_axes=(0, None), axis_name="inner"),
+            in_axes=(0, None),
+            out_axes=(0, None),
+            axis_name="outer",
+        )
+        y2, nstate = f(x.reshape(3, 4, 3, 5), nstate)
+        np.testing.assert_allclose(y2.reshape(y.shape), y, rtol=1e-5, atol=1e-6)
+    for a, b in zip(flat.statistics(state), nested.statistics(nstate)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_non_finite_batch_leaves_state_unchanged(approach, getkey):
+    """A NaN or inf batch between good ones: the state is bit-for-bit unchanged, and
+    inference afterwards equals a run that never saw the bad batch."""
+    bn, state = make(3, approach=approach)
+    _, clean = make(3, approach=approach)
+    good = batches(getkey(), 4, (8, 3, 2))
+    for x in good[:2]:
+        _, state = apply(bn, x, state)
+        _, clean = apply(bn, x, clean)
+    for poison in (jnp.nan, jnp.inf):
+        bad = good[2].at[3, 1, 0].set(poison)
+        y, after = jax.jit(lambda x, s: apply(bn, x, s))(bad, state)
+        if bn.approach.needs_batch_variance:
+            assert not np.all(np.isfinite(y[:, 1]))  # the output is what it is
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(a, b)
+    _, state = apply(bn, good[3], state)
+    _, clean = apply(bn, good[3], clean)
+    y, _ = apply(bn, good[0], state, inference=True)
+    y_clean, _ = apply(bn, good[0], clean, inference=True)
+    np.testing.assert_array_equal(y, y_clean)
+    assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize(
+    "approach", ["batch", "ema", "adam-correction", "smooth-start", "renorm"]
+)
+def test_one_value_per_channel_is_a_clear_error(approach, getkey):
+    bn, state = make(3, approach=approach)
+    with pytest.raises(ValueError, match=r"one value per channel.*'frozen', 'running'"):
+        apply(bn, jnp.ones((1, 3)), state)
+
+
+@pytest.mark.parametrize("approach", ["frozen", "running"])
+def test_batch_size_one_works_where_it_can(approach, getkey):
+    bn, state = make(3, approach=approach)
+
+    def loss(bn, x, state):
+        y, state = apply(bn, x, state)
+        return jnp.sum(y**2), state
+
+    for _ in range(3):
+        x = jax.random.normal(getkey(), (1, 3))
+        grads, state = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))(bn, x, state)
+        assert np.all(np.isfinite(grads.weight))
+    assert all(np.all(np.isfinite(a)) for a in bn.statistics(state))
+
+
+def test_errors_name_the_argument(getkey):
+    with pytest.raises(ValueError, match=r"Unknown `approach='bach'`.*'batch'"):
+        eqx_norm.BatchNorm(3, "batch", approach="bach")
+    with pytest.raises(TypeError, match="approach"):
+        eqx_norm.BatchNorm(3, "batch", approach=3)  # pyright: ignore
+    for momentum in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\)"):
+            eqx_norm.BatchNorm(3, "batch", momentum=momentum)
+    with pytest.raises(ValueError, match="`eps` must be at least 0"):
+        eqx_norm.BatchNorm(3, "batch", eps=-1e-5)
+    with pytest.raises(ValueError, match="`input_size` must be a positive int"):
+        eqx_norm.BatchNorm(0, "batch")
+    with pytest.raises(ValueError, match="`max_count` must be a positive"):
+        eqx_norm.Running(max_count=0)
+    with pytest.raises(ValueError, match="`r_max` must be at least 1"):
+        eqx_norm.Renorm(r_max=0.5)
+    bn, state = make(3)
+    with pytest.raises(ValueError, match=r"input_size=3.*shape \(4, 2\)"):
+        apply(bn, jnp.ones((5, 4, 2)), state)
+    with pytest.raises(NameError, match=r"no mapped axis named 'batch'.*jax.vmap"):
+        apply(bn, jnp.ones((5, 3, 2)), state, axis_name="other")
+
+
+def test_user_strategy_in_a_dozen_lines(getkey):
+    class HalfAndHalf(eqx_norm.Approach):
+        def train(self, batch, running, momentum, eps):
+            mean = 0.5 * (batch.mean + running.mean)
+            var = 0.5 * (batch.var + running.var)
+            new = eqx_norm.RunningStats(
+                momentum * running.mean + (1 - momentum) * batch.mean,
+                momentum * running.var + (1 - momentum) * batch.var,
+                running.counter + 1,
+            )
+            return mean, var, new
+
+    bn, state = make(3, approach=HalfAndHalf(), momentum=0.5)
+    r_mean, r_var = np.zeros(3), np.ones(3)
+    for x in batches(getkey(), 5, (16, 3, 2)):
+        y, state = apply(bn, x, state)
+        xs = np.asarray(x, F64)
+        mu, v = xs.mean((0, 2)), xs.var((0, 2))
+        m, s2 = 0.5 * (mu + r_mean), 0.5 * (v + r_var)
+        y_ref = (xs - m[None, :, None]) / np.sqrt(s2 + 1e-5)[None, :, None]
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        r_mean, r_var = 0.5 * r_mean + 0.5 * mu, 0.5 * r_var + 0.5 * v
+        np.testing.assert_allclose(bn.statistics(state)[0], r_mean, rtol=1e-5)
+
+
+def test_switching_approach_keeps_the_state(getkey):
+    bn, state = make(3)
+    for x in batches(getkey(), 5, (16, 3, 2)):
+        _, state = apply(bn, x, state)
+    before = bn.statistics(state)
+    for approach in APPROACHES:
+        other = bn.with_approach(approach)
+        for a, b in zip(other.statistics(state), before):
+            np.testing.assert_array_equal(a, b)
+        x = batches(getkey(), 1, (16, 3, 2))[0]
+        _, trained = apply(other, x, jax.tree.map(lambda a: a, state))
+        assert jax.tree.structure(trained) == jax.tree.structure(state)
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+    frozen = bn.with_approach("frozen")
+    x = batches(getkey(), 1, (16, 3, 2))[0]
+    y_train, state2 = apply(frozen, x, state)
+    y_inf, _ = apply(frozen, x, state, inference=True)
+    np.testing.assert_allclose(y_train, y_inf, rtol=1e-6, atol=1e-6)
+    for a, b in zip(frozen.statistics(state2), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sequential_and_inference_mode(getkey):
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx.nn.Linear(4, 3, key=getkey()), eqx_norm.BatchNorm(3, "batch")]
+    )
+    x = jax.random.normal(getkey(), (10, 4))
+    y, state = apply(model, x, state)
+    np.testing.assert_allclose(np.mean(np.asarray(y), 0), 0, atol=1e-5)
+    model_inf = eqx.nn.inference_mode(model)
+    y_inf, state_inf = apply(model_inf, x, state)
+    bn = model[1]
+    assert isinstance(bn, eqx_norm.BatchNorm)
+    h = jax.vmap(model[0])(x)
+    mean, var = bn.statistics(state)
+    np.testing.assert_allclose(
+        y_inf, (h - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6
+    )
+    for a, b in zip(jax.tree.leaves(state_inf), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_channelwise_affine_off_and_dtype(getkey):
+    bn, state = make(3, channelwise_affine=False)
+    assert bn.weight is None and bn.bias is None
+    x = batches(getkey(), 1, (8, 3))[0]
+    y, state = apply(bn, x, state)
+    xs = np.asarray(x, F64)
+    np.testing.assert_allclose(
+        y, (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), rtol=1e-5, atol=1e-5
+    )
+    bn16, state16 = make(3, dtype=jnp.bfloat16)
+    assert bn16.weight is not None and bn16.weight.dtype == jnp.bfloat16
+    assert bn16.statistics(state16)[0].dtype == jnp.float32
