@@ -16,6 +16,8 @@ from ._approaches import (
     SmoothStart as SmoothStart,
 )
 from ._batch_norm import BatchNorm as BatchNorm
+from ._sam import SAMState as SAMState, sam as sam
+from ._step import sam_step as sam_step
 
 __version__ = importlib.metadata.version("eqx_norm")
 
@@ -30,5 +32,8 @@ __all__ = [
     "Renorm",
     "Running",
     "RunningStats",
+    "SAMState",
     "SmoothStart",
+    "sam",
+    "sam_step",
 ]

@@ -1,0 +1,191 @@
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int, PyTree
+
+
+class SAMState(NamedTuple):
+    """The state of [`eqx_norm.sam`][].
+
+    **Attributes:**
+
+    - `steps`: an int32 scalar, the number of updates so far (what a `rho` schedule
+        is evaluated at).
+    - `base_state`: the state of the base optimizer.
+    """
+
+    steps: Int[Array, ""]
+    base_state: optax.OptState
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def sam(
+    base_optimizer: optax.GradientTransformation,
+    rho: float | optax.ScalarOrSchedule = 0.05,
+    adaptive: bool | Array = False,
+    eta: float | Array = 0.01,
+    mask: PyTree | Callable[[optax.Params], PyTree] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sharpness-aware minimisation (SAM) and its adaptive form (ASAM).
+
+    Given the gradient $g$ at the parameters $w$, SAM moves to the worst nearby point
+    and returns the base optimizer's update computed from the gradient there:
+
+    $$e = \rho \frac{T^2 g}{\lVert T g \rVert_2}, \qquad
+    \text{update} = \text{base}\left(\nabla L(w + e)\right),$$
+
+    with $T = 1$ for SAM, giving $e = \rho g / \lVert g \rVert$, and $T = |w| + \eta$
+    elementwise for ASAM (`adaptive=True`). A `mask` limits the perturbation to some
+    parameters (for example the normalisation layers only: SAM-ON); the norm is then
+    taken over those parameters only. Where the gradient is zero, $e = 0$.
+
+    `update(grads, state, params, *, grad_fn)` needs `grad_fn(perturbed_params)`, the
+    gradient at the perturbed parameters. With Equinox models that carry a state,
+    [`eqx_norm.sam_step`][] builds the whole step, two passes included, and keeps
+    BatchNorm statistics from the first pass only.
+
+    ```python
+    opt = eqx_norm.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    updates, opt_state = opt.update(grads, opt_state, params, grad_fn=grad_fn)
+    ```
+
+    Gradient clipping, learning-rate schedules and the like belong in the base
+    optimizer: they then act on the gradient that is applied, not on the direction
+    of the perturbation. The transformation works inside `optax.chain` and under
+    `optax.inject_hyperparams` (`rho`, `eta` and `adaptive` may be injected).
+
+    ??? cite
+
+        [Sharpness-Aware Minimization for Efficiently Improving
+        Generalization](https://arxiv.org/abs/2010.01412)
+
+        ```bibtex
+        @inproceedings{foret2021sharpnessaware,
+            title={Sharpness-aware Minimization for Efficiently Improving
+                   Generalization},
+            author={Pierre Foret and Ariel Kleiner and Hossein Mobahi and
+                    Behnam Neyshabur},
+            booktitle={International Conference on Learning Representations},
+            year={2021}
+        }
+        ```
+
+        [ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
+        of Deep Neural Networks](https://arxiv.org/abs/2102.11600)
+
+        ```bibtex
+        @inproceedings{kwon2021asam,
+            title={ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+                   Learning of Deep Neural Networks},
+            author={Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and
+                    Choi, In Kwon},
+            booktitle={International Conference on Machine Learning},
+            pages={5905--5914},
+            year={2021}
+        }
+        ```
+
+    **Arguments:**
+
+    - `base_optimizer`: the Optax optimizer that turns the perturbed gradient into
+        an update.
+    - `rho`: the radius of the perturbation, at least 0; a float or a schedule (a
+        callable of the update count).
+    - `adaptive`: `False` for SAM, `True` for ASAM.
+    - `eta`: ASAM's offset in $T = |w| + \eta$, at least 0.
+    - `mask`: a pytree of bools with the structure of the parameters (or a prefix
+        of it), or a callable of the parameters returning one: `True` where a
+        parameter is perturbed. `None` perturbs every parameter.
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    [`eqx_norm.SAMState`][].
+
+    **Raises:**
+
+    A `ValueError` for a negative `rho` or `eta`, or a `base_optimizer` that is not
+    an Optax gradient transformation; when updating, a `ValueError` if `grad_fn` or
+    `params` is missing.
+    """
+    if not isinstance(base_optimizer, optax.GradientTransformation):
+        raise ValueError(
+            "`base_optimizer` must be an Optax gradient transformation, e.g. "
+            f"`eqx_norm.sam(optax.sgd(0.1), rho=0.05)`; got {type(base_optimizer)}."
+        )
+    if _is_number(rho) and rho < 0:  # pyright: ignore[reportOperatorIssue]
+        raise ValueError(f"`rho` must be at least 0, got {rho}; e.g. `rho=0.05`.")
+    if _is_number(eta) and eta < 0:
+        raise ValueError(f"`eta` must be at least 0, got {eta}; e.g. `eta=0.01`.")
+    base = optax.with_extra_args_support(base_optimizer)
+
+    def init_fn(params: optax.Params) -> SAMState:
+        return SAMState(steps=jnp.zeros((), jnp.int32), base_state=base.init(params))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SAMState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SAMState]:
+        if grad_fn is None:
+            raise ValueError(
+                "`eqx_norm.sam(...).update` needs `grad_fn=`: a function from "
+                "perturbed parameters to the gradient there. Call "
+                "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
+                "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
+            )
+        if params is None:
+            raise ValueError(
+                "`eqx_norm.sam(...).update` needs `params`, the current parameters: "
+                "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
+            )
+        radius = rho(state.steps) if callable(rho) else rho
+        perturbation = _perturbation(updates, params, radius, adaptive, eta, mask)
+        perturbed = jax.tree.map(
+            lambda w, e: w + e.astype(w.dtype), params, perturbation
+        )
+        new_updates, base_state = base.update(
+            grad_fn(perturbed), state.base_state, params, **extra_args
+        )
+        steps = jnp.asarray(optax.safe_increment(state.steps))
+        return new_updates, SAMState(steps=steps, base_state=base_state)
+
+    return optax.GradientTransformationExtraArgs(
+        init_fn,
+        update_fn,  # pyright: ignore[reportArgumentType]
+    )
+
+
+def _perturbation(grads, params, rho, adaptive, eta, mask):
+    """e = rho T^2 g / ||T g|| over the masked leaves, 0 elsewhere and where g = 0."""
+    if mask is not None:
+        mask = mask(params) if callable(mask) else mask
+        grads = jax.tree.map(
+            lambda m, sub: jax.tree.map(
+                lambda g: jnp.where(m, g, jnp.zeros_like(g)), sub
+            ),
+            mask,
+            grads,
+        )
+
+    def t_of(w):
+        t = jnp.abs(w) + jnp.asarray(eta, w.dtype)
+        if isinstance(adaptive, bool):
+            return t if adaptive else jnp.ones_like(w)
+        return jnp.where(adaptive, t, jnp.ones_like(w))
+
+    t = jax.tree.map(t_of, params)
+    tg = jax.tree.map(lambda t, g: (t * g).astype(jnp.float32), t, grads)
+    norm = optax.tree.norm(tg)
+    scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0)
+    return jax.tree.map(lambda t, tg: scale * t.astype(jnp.float32) * tg, t, tg)

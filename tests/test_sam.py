@@ -1,0 +1,383 @@
+from typing import Any, cast
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_norm
+
+from .helpers import apply
+
+APPROACHES = list(eqx_norm._approaches.APPROACHES)
+
+
+# A smooth non-quadratic loss whose gradient is known in closed form, so that the
+# float64 NumPy reference needs no autodiff: L(w) = sum(c w^2 / 2 + d w^4 / 4).
+def _coefficients(key, shapes):
+    keys = jax.random.split(key, 2 * len(shapes))
+    c = {
+        k: 0.5 + jax.random.uniform(keys[2 * i], s)
+        for i, (k, s) in enumerate(shapes.items())
+    }
+    d = {
+        k: jax.random.uniform(keys[2 * i + 1], s)
+        for i, (k, s) in enumerate(shapes.items())
+    }
+    return c, d
+
+
+def _grad(params, c, d):
+    return jax.tree.map(lambda w, c, d: c * w + d * w**3, params, c, d)
+
+
+SHAPES = {"a": (4, 3), "b": (3,), "c": (2, 2, 2)}
+
+
+def _params(key):
+    keys = jax.random.split(key, len(SHAPES))
+    return {k: jax.random.normal(kk, s) for kk, (k, s) in zip(keys, SHAPES.items())}
+
+
+def _numpy_sam_step(w, c, d, rho, lr, adaptive=False, eta=0.01, mask=None):
+    """One SAM/ASAM step with plain SGD, in float64, from the formulas."""
+    keys = list(w)
+    g = {k: c[k] * w[k] + d[k] * w[k] ** 3 for k in keys}
+    m = {k: (1.0 if mask is None else float(mask[k])) for k in keys}
+    t = {k: (np.abs(w[k]) + eta if adaptive else np.ones_like(w[k])) for k in keys}
+    tg = {k: t[k] * g[k] * m[k] for k in keys}
+    norm = np.sqrt(sum(np.sum(v**2) for v in tg.values()))
+    e = {k: rho * t[k] * tg[k] / norm for k in keys}
+    p = {k: w[k] + e[k] for k in keys}
+    g2 = {k: c[k] * p[k] + d[k] * p[k] ** 3 for k in keys}
+    return {k: w[k] - lr * g2[k] for k in keys}
+
+
+def _run(opt, params, c, d, steps) -> list[Any]:
+    state = opt.init(params)
+    grad_fn = lambda p: _grad(p, c, d)  # noqa: E731
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(_grad(params, c, d), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    history = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        history.append(params)
+    return history
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize(
+    "base", [optax.sgd(0.05, momentum=0.9), optax.adam(1e-2)], ids=["sgd", "adam"]
+)
+def test_sam_equals_optax_contrib_sam(base, getkey):
+    """20 steps against optax.contrib.sam in opaque mode with one adversarial step
+    (sync_period=2) and normalised SGD as the adversarial optimizer."""
+    rho = 0.05
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    ours = _run(eqx_norm.sam(base, rho=rho), params, c, d, 20)
+    theirs_opt = optax.contrib.sam(
+        base,
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+    state = theirs_opt.init(params)
+    grad_fn = lambda p, _: _grad(p, c, d)  # noqa: E731
+    p: Any = params
+    for t in range(20):
+        updates, state = theirs_opt.update(_grad(p, c, d), state, p, grad_fn=grad_fn)
+        p = optax.apply_updates(p, updates)
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[t][k], p[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_against_float64_formulas(adaptive, masked, getkey):
+    rho, lr, eta = 0.1, 0.05, 0.02
+    mask = {"a": True, "b": False, "c": True} if masked else None
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    opt = eqx_norm.sam(optax.sgd(lr), rho=rho, adaptive=adaptive, eta=eta, mask=mask)
+    ours = _run(opt, params, c, d, 5)
+    w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    c64 = {k: np.asarray(v, np.float64) for k, v in c.items()}
+    d64 = {k: np.asarray(v, np.float64) for k, v in d.items()}
+    for t in range(5):
+        w = _numpy_sam_step(w, c64, d64, rho, lr, adaptive, eta, mask)
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[t][k], w[k], rtol=1e-5, atol=1e-6)
+    if masked:
+        # A callable mask gives the same as the pytree.
+        as_callable = eqx_norm.sam(
+            optax.sgd(lr), rho=rho, adaptive=adaptive, eta=eta, mask=lambda p: mask
+        )
+        again = _run(as_callable, params, c, d, 5)
+        for k in SHAPES:
+            np.testing.assert_array_equal(again[-1][k], ours[-1][k])
+
+
+def test_rho_schedule(getkey):
+    lr = 0.05
+    schedule = optax.linear_schedule(0.2, 0.0, transition_steps=4)
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    ours = _run(eqx_norm.sam(optax.sgd(lr), rho=schedule), params, c, d, 6)
+    w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    c64 = {k: np.asarray(v, np.float64) for k, v in c.items()}
+    d64 = {k: np.asarray(v, np.float64) for k, v in d.items()}
+    for t in range(6):
+        rho_t = max(0.2 * (1 - t / 4), 0.0)
+        if rho_t == 0:
+            g = {k: c64[k] * w[k] + d64[k] * w[k] ** 3 for k in w}
+            w = {k: w[k] - lr * g[k] for k in w}
+        else:
+            w = _numpy_sam_step(w, c64, d64, rho_t, lr)
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[t][k], w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_acts_on_the_applied_gradient(getkey):
+    """Clipping in the base optimizer clips the perturbed gradient, not the
+    perturbation direction: the perturbation still has norm rho."""
+    rho, lr, clip = 0.1, 0.5, 0.01
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    base = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr))
+    ours = _run(eqx_norm.sam(base, rho=rho), params, c, d, 1)[0]
+    w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    g = {k: np.asarray(v, np.float64) for k, v in _grad(params, c, d).items()}
+    norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+    p = {k: w[k] + rho * g[k] / norm for k in w}
+    g2 = {k: np.asarray(v, np.float64) for k, v in _grad(p, c, d).items()}
+    norm2 = np.sqrt(sum(np.sum(v**2) for v in g2.values()))
+    for k in w:
+        expected = w[k] - lr * g2[k] * min(1.0, clip / norm2)
+        np.testing.assert_allclose(ours[k], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.standard_promotion
+def test_zero_gradient_gives_no_nan(getkey):
+    params = _params(getkey())
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for adaptive in (False, True):
+        opt = eqx_norm.sam(optax.adam(1e-2), adaptive=adaptive)
+        updates, _ = opt.update(
+            zeros, opt.init(params), params, grad_fn=lambda p: zeros
+        )
+        for u in jax.tree.leaves(updates):
+            np.testing.assert_array_equal(u, np.zeros_like(u))
+
+
+def test_inject_hyperparams_and_chain(getkey):
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    plain = _run(eqx_norm.sam(optax.sgd(0.05), rho=0.1), params, c, d, 3)
+    injected_opt = optax.inject_hyperparams(eqx_norm.sam)(
+        base_optimizer=optax.sgd(0.05), rho=0.1, adaptive=False
+    )
+    injected = _run(injected_opt, params, c, d, 3)
+    chained = _run(
+        optax.chain(optax.identity(), eqx_norm.sam(optax.sgd(0.05), rho=0.1)),
+        params,
+        c,
+        d,
+        3,
+    )
+    for k in SHAPES:
+        np.testing.assert_allclose(injected[-1][k], plain[-1][k], rtol=1e-6)
+        np.testing.assert_allclose(chained[-1][k], plain[-1][k], rtol=1e-6)
+    # An injected rho of 0 is plain SGD.
+    state = cast(Any, injected_opt.init(params))
+    state.hyperparams["rho"] = jnp.asarray(0.0)
+    updates: Any = injected_opt.update(
+        _grad(params, c, d), state, params, grad_fn=lambda p: _grad(p, c, d)
+    )[0]
+    for k in SHAPES:
+        np.testing.assert_allclose(
+            updates[k], -0.05 * _grad(params, c, d)[k], rtol=1e-6
+        )
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="`rho` must be at least 0"):
+        eqx_norm.sam(optax.sgd(0.1), rho=-0.1)
+    with pytest.raises(ValueError, match="`eta` must be at least 0"):
+        eqx_norm.sam(optax.sgd(0.1), adaptive=True, eta=-1.0)
+    with pytest.raises((ValueError, TypeError), match="base_optimizer"):
+        eqx_norm.sam(lambda x: x)  # pyright: ignore[reportArgumentType]
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"needs `grad_fn=`.*sam_step"):
+        opt.update(params, opt.init(params), params)
+    with pytest.raises(ValueError, match="needs `params`"):
+        opt.update(params, opt.init(params), grad_fn=lambda p: p)
+
+
+# ---------------------------------------------------------------- sam_step
+
+
+class Net(eqx.Module):
+    layers: eqx.nn.Sequential
+
+    def __init__(self, approach, key):
+        k1, k2 = jax.random.split(key)
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Linear(4, 6, use_bias=False, key=k1),
+                eqx_norm.BatchNorm(6, "batch", approach=approach, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(6, 2, key=k2),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+def loss_fn(model, state, x, y):
+    pred, state = apply(model, x, state)
+    return jnp.mean((pred - y) ** 2), state
+
+
+def _data(key, n=16):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_sam_step_keeps_first_pass_state(approach, getkey):
+    rho, lr = 0.05, 0.1
+    model, state = eqx.nn.make_with_state(Net)(approach, getkey())
+    base = optax.sgd(lr)
+    opt = eqx_norm.sam(base, rho=rho)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt_state = opt.init(params)
+    x, y = _data(getkey())
+    step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
+    new_model, new_state, _, loss = step(model, state, opt_state, x, y)
+
+    # The state equals that of one plain step on the same batch, exactly, and that
+    # of an (eager) forward pass up to rounding.
+    plain_step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, base))
+    _, plain_state, _, _ = plain_step(
+        model, jax.tree.map(lambda a: a, state), base.init(params), x, y
+    )
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
+        np.testing.assert_array_equal(a, b)
+    _, forward_state = loss_fn(model, jax.tree.map(lambda a: a, state), x, y)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(forward_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert int(
+        new_state.get(cast(eqx_norm.BatchNorm, model.layers[1]).state_index).counter
+    ) == (0 if approach == "frozen" else (16 if approach == "running" else 1))
+
+    # The parameters equal a hand-written two-pass SAM step.
+    def loss_at(p):
+        m = eqx.combine(p, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+        return loss_fn(m, jax.tree.map(lambda a: a, state), x, y)[0]
+
+    g = jax.grad(loss_at)(params)
+    norm = optax.tree.norm(g)
+    perturbed = jax.tree.map(lambda w, g: w + rho * g / norm, params, g)
+    g2 = jax.grad(loss_at)(perturbed)
+    expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loss, loss_at(params), rtol=1e-6)
+
+
+@pytest.mark.standard_promotion
+def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
+    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = _data(getkey())
+    step = eqx_norm.sam_step(loss_fn, opt)
+    jaxpr = eqx.filter_make_jaxpr(lambda m, s, o: step(m, s, o, x, y))(
+        model, state, opt_state
+    )
+    sam_opt = eqx_norm.sam(opt)
+    sam_state = sam_opt.init(eqx.filter(model, eqx.is_inexact_array))
+    sam_jaxpr = eqx.filter_make_jaxpr(
+        lambda m, s, o: eqx_norm.sam_step(loss_fn, sam_opt)(m, s, o, x, y)
+    )(model, state, sam_state)
+    # Two forward passes under SAM (each with its dot_generals), one without.
+    count = lambda j: str(j).count("dot_general")  # noqa: E731
+    assert count(sam_jaxpr) > count(jaxpr)
+
+    new_model, _, _, _ = eqx.filter_jit(step)(model, state, opt_state, x, y)
+    params = eqx.filter(model, eqx.is_inexact_array)
+
+    def loss_at(p):
+        m = eqx.combine(p, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+        return loss_fn(m, jax.tree.map(lambda a: a, state), x, y)[0]
+
+    updates, _ = opt.update(jax.grad(loss_at)(params), opt_state, params)
+    expected = optax.apply_updates(params, updates)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sam_step_returns_aux(getkey):
+    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+    def loss_with_aux(model, state, x, y):
+        pred, state = apply(model, x, state)
+        return jnp.mean((pred - y) ** 2), (state, {"pred_mean": jnp.mean(pred)})
+
+    x, y = _data(getkey())
+    out = eqx.filter_jit(eqx_norm.sam_step(loss_with_aux, opt))(
+        model, state, opt_state, x, y
+    )
+    assert len(out) == 5
+    pred, _ = apply(model, x, jax.tree.map(lambda a: a, state))
+    np.testing.assert_allclose(out[4]["pred_mean"], jnp.mean(pred), rtol=1e-6)
+
+
+@pytest.mark.standard_promotion
+def test_vmapped_ensemble_equals_separate_runs(getkey):
+    keys = jax.random.split(getkey(), 4)
+    opt = eqx_norm.sam(optax.adam(1e-2), rho=0.05)
+    step = eqx_norm.sam_step(loss_fn, opt)
+    batches = [_data(getkey()) for _ in range(3)]
+
+    def init(key):
+        model, state = eqx.nn.make_with_state(Net)("batch", key)
+        return model, state, opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+    models, states, opt_states = eqx.filter_vmap(init)(keys)
+    vstep = eqx.filter_jit(
+        eqx.filter_vmap(step, in_axes=(eqx.if_array(0),) * 3 + (None, None))
+    )
+    losses = loss = None
+    for x, y in batches:
+        models, states, opt_states, losses = vstep(models, states, opt_states, x, y)
+    jstep = eqx.filter_jit(step)
+    for i, key in enumerate(keys):
+        model, state, opt_state = init(key)
+        for x, y in batches:
+            model, state, opt_state, loss = jstep(model, state, opt_state, x, y)
+        assert losses is not None and loss is not None
+        np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
+        ours = jax.tree.leaves(eqx.filter(models, eqx.is_inexact_array))
+        theirs = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(state)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
