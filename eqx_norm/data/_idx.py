@@ -1,0 +1,134 @@
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+# IDX type codes and the (big-endian) NumPy dtypes they stand for.
+_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class IDXError(ValueError):
+    """A file is not a valid IDX file, or a data set's files do not match."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        raise IDXError(
+            f"{path}: the gzip stream is corrupt or truncated ({e}). Delete the "
+            "file and download it again."
+        ) from None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (the format of MNIST and Fashion-MNIST), gzipped or raw.
+
+    **Arguments:**
+
+    - `path`: the file, e.g. `train-images-idx3-ubyte.gz`. Gzip is detected from the
+        content, not the name.
+
+    **Returns:**
+
+    A NumPy array with the file's shape, in native byte order.
+
+    **Raises:**
+
+    An [`eqx_norm.data.IDXError`][] naming the file for a corrupt gzip stream, a
+    wrong magic number, an unknown type code, or a file that is shorter or longer
+    than its header says.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise IDXError(f"{path}: {len(data)} bytes, too short for an IDX header.")
+    if data[0] != 0 or data[1] != 0:
+        raise IDXError(
+            f"{path}: wrong magic number 0x{data[:4].hex()}; an IDX file starts with "
+            "two zero bytes, a type code and the number of dimensions (e.g. "
+            "0x00000803 for images). Is this really an IDX file?"
+        )
+    code, ndim = data[2], data[3]
+    if code not in _DTYPES:
+        raise IDXError(f"{path}: unknown IDX type code 0x{code:02x}.")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{path}: truncated inside its header ({len(data)} bytes).")
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
+    dtype = _DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    found = len(data) - header
+    if found != expected:
+        what = "truncated" if found < expected else "has trailing bytes"
+        raise IDXError(
+            f"{path}: {what}: its header says shape {shape} ({expected} bytes of "
+            f"data), but it holds {found} bytes."
+        )
+    array = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder}: no {stem}.gz (or {stem}). An MNIST-format folder holds "
+        "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."
+    )
+
+
+def load_idx_dataset(
+    folder: str | Path, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of an MNIST-format data set from a folder.
+
+    **Arguments:**
+
+    - `folder`: a folder holding `{split}-images-idx3-ubyte[.gz]` and
+        `{split}-labels-idx1-ubyte[.gz]` (MNIST, Fashion-MNIST, KMNIST, ...).
+    - `split`: `"train"` or `"t10k"` (`"test"` is taken as `"t10k"`).
+
+    **Returns:**
+
+    A 2-tuple `(images, labels)`: uint8 arrays of shapes `(N, H, W)` and `(N,)`.
+
+    **Raises:**
+
+    `FileNotFoundError` if a file is missing; [`eqx_norm.data.IDXError`][] if a file
+    is invalid or the images and labels do not match in number.
+    """
+    split = {"test": "t10k"}.get(split, split)
+    if split not in ("train", "t10k"):
+        raise ValueError(
+            f"`split` must be 'train' or 't10k' (or 'test'), got {split!r}."
+        )
+    folder = Path(folder)
+    images_path = _find(folder, f"{split}-images-idx3-ubyte")
+    labels_path = _find(folder, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise IDXError(f"{images_path}: expected (N, H, W) images, got {images.shape}.")
+    if labels.ndim != 1:
+        raise IDXError(f"{labels_path}: expected (N,) labels, got {labels.shape}.")
+    if len(images) != len(labels):
+        raise IDXError(
+            f"{folder}: {len(images)} images in {images_path.name} but "
+            f"{len(labels)} labels in {labels_path.name}."
+        )
+    return images, labels

@@ -1,0 +1,42 @@
+"""The MNIST CNN instability experiment: every BatchNorm approach (and SAM), several
+seeds, step-by-step gradient norms, losses and BatchNorm output statistics, plots
+and the claims of the Equinox BatchNorm-instability report checked on real digits.
+
+```python
+from eqx_norm import experiments
+
+results = experiments.run(experiments.Config(steps=100, seeds=3))
+print(experiments.claims_table(results))
+experiments.save(results, "results")
+```
+
+From the shell: `python -m eqx_norm.experiments --help`.
+"""
+
+from ._model import CNN as CNN
+from ._report import (
+    claims as claims,
+    claims_table as claims_table,
+    plot as plot,
+    save as save,
+)
+from ._run import (
+    DEFAULT_APPROACHES as DEFAULT_APPROACHES,
+    Config as Config,
+    Results as Results,
+    run as run,
+    run_label as run_label,
+)
+
+__all__ = [
+    "CNN",
+    "Config",
+    "DEFAULT_APPROACHES",
+    "Results",
+    "claims",
+    "claims_table",
+    "plot",
+    "run",
+    "run_label",
+    "save",
+]

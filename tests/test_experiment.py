@@ -1,0 +1,107 @@
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqx_norm import data, experiments
+from eqx_norm.experiments import __main__ as cli
+from eqx_norm.experiments._run import _batch_indices, _loss_fn
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_default_run_reproduces_the_reports_claims():
+    """The default run (bundled digits, momentum 0.99, 3 seeds, 100 steps): `ema`
+    spikes the early gradient norm at least 5x `batch`'s, `smooth-start` at most
+    2.5x, and `ema` ends with a higher training loss than `batch`."""
+    results = experiments.run(experiments.Config(), progress=False)
+    claims = experiments.claims(results)
+    assert claims["ema"]["early_peak_vs_reference"] >= 5
+    assert claims["smooth-start"]["early_peak_vs_reference"] <= 2.5
+    assert claims["ema"]["final_loss"] > claims["batch"]["final_loss"]
+    assert set(results.runs) == set(experiments.DEFAULT_APPROACHES)
+    for run in results.runs.values():
+        assert run["loss"].shape == (3, 100)
+        assert np.all(np.isfinite(run["grad_norm"]))
+        assert np.all(run["grad_norm_max_leaf"] <= run["grad_norm"] + 1e-6)
+        assert np.all((run["test_accuracy"] > 0.5) & (run["test_accuracy"] <= 1))
+    # Step 1 (weight 1, bias 0): `batch` output has mean 0 and std 1, less the
+    # shrinkage var / (var + eps) of channels whose variance is near eps.
+    np.testing.assert_allclose(results.runs["batch"]["norm_mean"][:, 0], 0, atol=1e-5)
+    np.testing.assert_allclose(results.runs["batch"]["norm_std"][:, 0], 1, atol=0.01)
+    assert np.all(results.runs["batch"]["norm_std"][:, 0] <= 1)
+
+
+@pytest.mark.standard_promotion
+def test_cli_with_sam_writes_plots_json_and_claims(tmp_path, capsys):
+    argv = [
+        "--approaches",
+        "batch",
+        "ema",
+        "--steps",
+        "4",
+        "--seeds",
+        "2",
+        "--sam",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ema + SAM" in printed and "peak/batch" in printed
+    assert (tmp_path / "instability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert set(payload["runs"]) == {"batch", "batch + SAM", "ema", "ema + SAM"}
+    assert payload["config"]["sam"] is True and payload["versions"]["jax"]
+    batch, batch_sam = payload["runs"]["batch"], payload["runs"]["batch + SAM"]
+    assert np.asarray(batch["loss"]).shape == (2, 4)
+    # Same seeds, same first batch, first pass unperturbed: same step-1 figures.
+    np.testing.assert_allclose(
+        np.asarray(batch["loss"])[:, 0], np.asarray(batch_sam["loss"])[:, 0], rtol=1e-6
+    )
+    # The recorded gradient norm is the norm of the first-pass gradient.
+    images, labels = data.load_dataset("digits", "train")
+    idx = _batch_indices(len(images), 2, 4, 64)[0, 1]
+    model, state = eqx.nn.make_with_state(experiments.CNN)(
+        "batch", 0.99, key=jax.random.key(1)
+    )
+    grads, _ = eqx.filter_grad(_loss_fn, has_aux=True)(
+        model, state, jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+    )
+    leaves = [
+        np.asarray(g, np.float64)
+        for g in jax.tree.leaves(eqx.filter(grads, eqx.is_array))
+    ]
+    norm = np.sqrt(sum(np.sum(g**2) for g in leaves))
+    np.testing.assert_allclose(batch["grad_norm"][1][0], norm, rtol=1e-4)
+    largest = max(np.sqrt(np.sum(g**2)) for g in leaves)
+    np.testing.assert_allclose(batch["grad_norm_max_leaf"][1][0], largest, rtol=1e-4)
+    assert "ema" in (tmp_path / "claims.txt").read_text()
+
+
+def test_cli_and_config_errors(capsys):
+    with pytest.raises(ValueError, match="Unknown approach 'bach'"):
+        experiments.Config(approaches=("bach",))
+    with pytest.raises(ValueError, match="`seeds` must be at least 1"):
+        experiments.Config(seeds=0)
+    with pytest.raises(ValueError, match="`batch_size` must be at least 2"):
+        experiments.Config(batch_size=1)
+    with pytest.raises(SystemExit):
+        cli.main(["--approaches", "bach"])
+    assert "invalid choice: 'bach'" in capsys.readouterr().err
+
+
+def test_cnn_shapes_and_no_norm():
+    model, state = eqx.nn.make_with_state(experiments.CNN)(
+        "none", key=jax.random.key(0)
+    )
+    assert model.norm is None
+    x = jnp.zeros((5, 1, 28, 28))
+    log_probs, _, out = jax.vmap(
+        model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch"
+    )(x, state)
+    assert log_probs.shape == (5, 10) and out.shape == (5, 512)
+    np.testing.assert_allclose(jnp.sum(jnp.exp(log_probs), axis=1), 1, rtol=1e-5)

@@ -1,0 +1,31 @@
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_readme_python_blocks_run():
+    """Every Python block of the README runs, in order, in one namespace."""
+    namespace: dict = {}
+    blocks = _blocks("python")
+    assert len(blocks) >= 3
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (64, 10)
+    assert namespace["loss"].shape == ()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run calls the test command that README.md gives, verbatim."""
+    commands = [b.strip() for b in _blocks("bash")]
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert any("eqx_norm.experiments" in c for c in commands)
