@@ -16,8 +16,21 @@ from ._approaches import (
     SmoothStart as SmoothStart,
 )
 from ._batch_norm import BatchNorm as BatchNorm
+from ._checkpoint import load as load, save as save
+from ._diagnose import (
+    Diagnosis as Diagnosis,
+    LayerDiagnosis as LayerDiagnosis,
+    diagnose as diagnose,
+)
 from ._sam import SAMState as SAMState, sam as sam
 from ._step import sam_step as sam_step
+from ._tools import (
+    batch_norms as batch_norms,
+    freeze as freeze,
+    from_equinox as from_equinox,
+    recalibrate as recalibrate,
+    set_approach as set_approach,
+)
 
 __version__ = importlib.metadata.version("eqx_norm")
 
@@ -27,13 +40,23 @@ __all__ = [
     "Batch",
     "BatchNorm",
     "BatchStats",
+    "Diagnosis",
     "EMA",
     "Frozen",
+    "LayerDiagnosis",
     "Renorm",
     "Running",
     "RunningStats",
     "SAMState",
     "SmoothStart",
+    "batch_norms",
+    "diagnose",
+    "freeze",
+    "from_equinox",
+    "load",
+    "recalibrate",
     "sam",
     "sam_step",
+    "save",
+    "set_approach",
 ]

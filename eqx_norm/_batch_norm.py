@@ -71,10 +71,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
     the batch variance then keeps about $7 - 2\log_{10} k$ significant digits in
     float32, where $k$ is the distance between the batch mean and the running mean
     in batch standard deviations. Once the running mean has caught up with the data
-    $k$ is small whatever the offset; on the first step the shift is 0 (the initial
-    mean), so data far from zero loses precision in that step's variance only (for
-    a mean of 1000 standard deviations, the first step's variance is good to about
-    5%).
+    $k$ is small whatever the offset. On the first step the shift is 0 (the initial
+    mean), so data far from zero loses precision in that step's variance: for a mean
+    of 1000 standard deviations it is good to about 5%. With `"batch"` (and
+    `"frozen"`) that touches the first step only; approaches that normalise with
+    their running statistics (`"ema"`, `"adam-correction"`, `"smooth-start"`,
+    `"running"`, `"renorm"`) carry it on in them, fading at the rate of the
+    momentum.
 
     A batch whose statistics are not finite (NaN or infinity) leaves the running
     statistics untouched; its output is still what the formula gives.

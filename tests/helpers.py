@@ -8,6 +8,8 @@ import eqx_norm
 def apply(layer, x, state, *, inference=None, axis_name="batch"):
     """Run a per-example layer over the leading batch axis of `x`."""
     kwargs = {} if inference is None else {"inference": inference}
+    if inference is not None and not isinstance(layer, eqx_norm.BatchNorm):
+        layer, kwargs = eqx.nn.inference_mode(layer, inference), {}
     return jax.vmap(
         lambda xi, s: layer(xi, s, **kwargs),
         in_axes=(0, None),

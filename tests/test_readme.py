@@ -29,3 +29,13 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
     assert any("eqx_norm.experiments" in c for c in commands)
+
+
+def test_every_guarantee_names_an_existing_test():
+    section = README.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    assert len(named) >= 20
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    assert named <= defined, named - defined

@@ -1,0 +1,144 @@
+"""Property tests of the layer's guarantees across approaches, dtypes, shapes and
+momentum."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import eqx_norm
+
+from .helpers import apply
+
+APPROACHES = list(eqx_norm._approaches.APPROACHES)
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@st.composite
+def cases(draw, approaches=APPROACHES):
+    batch = draw(st.integers(2, 6))
+    channels = draw(st.integers(1, 4))
+    spatial = draw(st.sampled_from([(), (3,), (2, 3)]))
+    return {
+        "approach": draw(st.sampled_from(approaches)),
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "shape": (batch, channels) + spatial,
+        "momentum": draw(st.sampled_from([0.0, 0.5, 0.9, 0.99])),
+        "offset": draw(st.floats(-10, 10)),
+        "scale": draw(st.floats(0.1, 10)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _setup(case, steps=3):
+    rng = np.random.default_rng(case["seed"])
+    channels = case["shape"][1]
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        channels, "batch", approach=case["approach"], momentum=case["momentum"]
+    )
+    bn = eqx.tree_at(
+        lambda b: (b.weight, b.bias),
+        bn,
+        (
+            jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, channels), jnp.float32),
+        ),
+    )
+    xs = [
+        jnp.asarray(
+            case["offset"] + case["scale"] * rng.normal(size=case["shape"]),
+            case["dtype"],
+        )
+        for _ in range(steps)
+    ]
+    return bn, state, xs
+
+
+def _clone(state):
+    return jax.tree.map(lambda a: a, state)
+
+
+@given(cases())
+@SETTINGS
+def test_finite_input_gives_finite_output_and_state(case):
+    bn, state, xs = _setup(case)
+    for x in xs:
+        y, state = apply(bn, x, state)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert np.all(np.isfinite(np.asarray(y, np.float32)))
+        assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state))
+    y, _ = apply(bn, xs[0], state, inference=True)
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+@given(cases())
+@SETTINGS
+def test_jit_equals_eager(case):
+    bn, state, xs = _setup(case, steps=2)
+    jitted = jax.jit(lambda x, s: apply(bn, x, s))
+    eager_state, jit_state = state, _clone(state)
+    tol = (
+        1e-5
+        if case["dtype"] == jnp.float32
+        else float(jnp.finfo(case["dtype"]).eps) * 4
+    )
+    for x in xs:
+        y, eager_state = apply(bn, x, eager_state)
+        y_jit, jit_state = jitted(x, jit_state)
+        np.testing.assert_allclose(
+            np.asarray(y_jit, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol
+        )
+    for a, b in zip(jax.tree.leaves(jit_state), jax.tree.leaves(eager_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@given(cases(approaches=["batch"]))
+@SETTINGS
+def test_batch_output_has_mean_bias_and_std_weight(case):
+    bn, state, xs = _setup(case)
+    assert bn.weight is not None and bn.bias is not None
+    axes = (0,) + tuple(range(2, len(case["shape"])))
+    for x in xs:
+        y, state = apply(bn, x, state)
+        yf = np.asarray(y, np.float64)
+        xf = np.asarray(x, np.float64)
+        # What the weight times the normalised input has for std: eps shrinks it.
+        var = xf.var(axes)
+        std = np.asarray(bn.weight, np.float64) * np.sqrt(var / (var + bn.eps))
+        tol = 2e-3 if case["dtype"] == jnp.float32 else 4e-2
+        scale = np.max(np.abs(np.asarray(bn.weight))) + np.max(
+            np.abs(np.asarray(bn.bias))
+        )
+        np.testing.assert_allclose(yf.mean(axes), bn.bias, atol=tol * scale)
+        np.testing.assert_allclose(yf.std(axes), std, atol=tol * scale)
+
+
+@given(cases(), st.sampled_from([np.nan, np.inf, -np.inf]))
+@SETTINGS
+def test_non_finite_batch_never_changes_the_state(case, poison):
+    bn, state, xs = _setup(case)
+    _, state = apply(bn, xs[0], state)
+    bad = xs[1].at[(0,) * len(case["shape"])].set(poison)
+    _, after = apply(bn, bad, _clone(state))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(cases(), st.sampled_from(APPROACHES))
+@SETTINGS
+def test_switching_approach_keeps_the_state_structure(case, other):
+    bn, state, xs = _setup(case)
+    _, state = apply(bn, xs[0], state)
+    structure = jax.tree.structure(state)
+    kinds = [(a.shape, a.dtype) for a in jax.tree.leaves(state)]
+    switched = eqx_norm.set_approach(bn, other)
+    for x in xs[1:]:
+        _, state = apply(switched, x, state)
+        assert jax.tree.structure(state) == structure
+        assert [(a.shape, a.dtype) for a in jax.tree.leaves(state)] == kinds

@@ -1,0 +1,331 @@
+from typing import cast
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_norm
+
+from .helpers import apply
+
+F64 = np.float64
+
+
+class MLP(eqx.Module):
+    layers: eqx.nn.Sequential
+
+    def __init__(self, approach="batch", key=jax.random.key(0)):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Linear(4, 6, use_bias=False, key=k1),
+                eqx_norm.BatchNorm(6, "batch", approach=approach, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(6, 5, use_bias=False, key=k2),
+                eqx_norm.BatchNorm(5, "batch", approach=approach, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(5, 2, key=k3),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+def bn_at(model, i) -> eqx_norm.BatchNorm:
+    return cast(eqx_norm.BatchNorm, model.layers[i])
+
+
+def _data(key, n=32, shift=3.0):
+    return shift + 2 * jax.random.normal(key, (n, 4))
+
+
+def _train(model, state, key, steps=3):
+    for k in jax.random.split(key, steps):
+        _, state = apply(model, _data(k), state)
+    return state
+
+
+def test_set_approach_and_freeze(getkey):
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, getkey())
+    frozen = eqx_norm.freeze(model)
+    assert all(
+        isinstance(b.approach, eqx_norm.Frozen) for _, b in eqx_norm.batch_norms(frozen)
+    )
+    x = _data(getkey())
+    y_train, new_state = apply(frozen, x, state)
+    y_infer, _ = apply(frozen, x, state, inference=True)
+    np.testing.assert_allclose(y_train, y_infer, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    # `where` picks layers; others keep their approach.
+    partial = eqx_norm.set_approach(model, "running", where=lambda b: b.input_size == 5)
+    assert isinstance(bn_at(partial, 1).approach, eqx_norm.Batch)
+    assert isinstance(bn_at(partial, 4).approach, eqx_norm.Running)
+    _, s2 = apply(partial, x, state)
+    assert jax.tree.structure(s2) == jax.tree.structure(state)
+    with pytest.raises(ValueError, match="`where` matched no BatchNorm"):
+        eqx_norm.freeze(model, where=lambda b: False)
+    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`.*from_equinox"):
+        eqx_norm.set_approach(eqx.nn.Linear(2, 2, key=getkey()), "frozen")
+    with pytest.raises(ValueError, match="Unknown `approach='fozen'`"):
+        eqx_norm.set_approach(model, "fozen")
+
+
+@pytest.mark.parametrize("approach", ["frozen", "running"])
+def test_fine_tuning_with_batch_size_one(approach, getkey):
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, getkey())
+    model = eqx_norm.set_approach(model, approach)
+
+    @eqx.filter_jit
+    def step(model, state, x, y):
+        def loss(model):
+            pred, new_state = apply(model, x, state)
+            return jnp.mean((pred - y) ** 2), new_state
+
+        (value, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
+        model = eqx.apply_updates(model, jax.tree.map(lambda g: -0.01 * g, grads))
+        return model, new_state, value, grads
+
+    for _ in range(5):
+        x, y = _data(getkey(), n=1), jax.random.normal(getkey(), (1, 2))
+        model, state, value, grads = step(model, state, x, y)
+        assert np.isfinite(value)
+        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    if approach == "frozen":
+        x = _data(getkey(), n=1)
+        y_train, _ = apply(model, x, state)
+        y_infer, _ = apply(model, x, state, inference=True)
+        np.testing.assert_allclose(y_train, y_infer, rtol=1e-6, atol=1e-6)
+
+
+class EqxCNN(eqx.Module):
+    layers: eqx.nn.Sequential
+
+    def __init__(self, mode, key):
+        k1, k2 = jax.random.split(key)
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Conv2d(1, 3, 3, key=k1),
+                eqx.nn.BatchNorm(3, "batch", mode=mode, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Lambda(jnp.ravel),
+                eqx.nn.Linear(3 * 6 * 6, 4, key=k2),
+                eqx.nn.BatchNorm(4, "batch", mode=mode, momentum=0.9),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_from_equinox_keeps_inference_outputs(mode, getkey):
+    model, state = eqx.nn.make_with_state(EqxCNN)(mode, getkey())
+    x = 1 + jax.random.normal(getkey(), (16, 1, 8, 8))
+
+    @eqx.filter_jit
+    def sgd_step(model, state, x):
+        def loss(model):
+            y, new_state = apply(model, x, state)
+            return jnp.mean((y - 1) ** 2), new_state
+
+        grads, new_state = eqx.filter_grad(loss, has_aux=True)(model)
+        return eqx.apply_updates(
+            model, jax.tree.map(lambda g: -0.1 * g, grads)
+        ), new_state
+
+    for _ in range(4):
+        model, state = sgd_step(
+            model, state, x + 0.3 * jax.random.normal(getkey(), x.shape)
+        )
+    ours, our_state = eqx_norm.from_equinox(model, state)
+    layers = eqx_norm.batch_norms(ours)
+    assert [p for p, _ in layers] == [".layers.layers[1]", ".layers.layers[5]"]
+    assert all(
+        type(b.approach).__name__ == ("Batch" if mode == "batch" else "EMA")
+        for _, b in layers
+    )
+    y_eqx, _ = apply(model, x, state, inference=True)
+    y_ours, _ = apply(ours, x, our_state, inference=True)
+    np.testing.assert_allclose(y_ours, y_eqx, rtol=1e-6, atol=1e-6)
+    if mode == "ema":
+        # Training goes on as Equinox's would.
+        _, s1 = apply(model, x, state)
+        _, s2 = apply(ours, x, our_state)
+        np.testing.assert_allclose(
+            apply(ours, x, s2, inference=True)[0],
+            apply(model, x, s1, inference=True)[0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="found no `eqx.nn.BatchNorm`"):
+        eqx_norm.from_equinox(ours, our_state)
+
+
+def _layer_inputs(model, x):
+    """Float64 inputs of both BatchNorm layers when each normalises with its batch
+    statistics (what recalibration sees)."""
+    lin1, bn1, _, lin2, bn2 = (model.layers[i] for i in range(5))
+    h1 = np.asarray(x, F64) @ np.asarray(lin1.weight, F64).T
+    mu, v = h1.mean(0), h1.var(0)
+    y1 = (h1 - mu) / np.sqrt(v + bn1.eps) * np.asarray(bn1.weight, F64) + np.asarray(
+        bn1.bias, F64
+    )
+    h2 = np.maximum(y1, 0) @ np.asarray(lin2.weight, F64).T
+    return h1, h2
+
+
+def test_recalibrate_equals_float64_population_statistics(getkey):
+    model, state = eqx.nn.make_with_state(MLP)("ema")
+    state = _train(model, state, getkey())
+    batches = [_data(getkey(), n=16, shift=float(i)) for i in range(4)]
+    new_state = eqx_norm.recalibrate(model, state, iter(batches))
+    for layer, index in ((0, 1), (1, 4)):
+        inputs = [_layer_inputs(model, b)[layer] for b in batches]
+        mus = np.stack([h.mean(0) for h in inputs])
+        mean = mus.mean(0)
+        var = np.mean([h.var(0) + (h.mean(0) - mean) ** 2 for h in inputs], axis=0)
+        np.testing.assert_allclose(var, np.concatenate(inputs).var(0), rtol=1e-12)
+        got_mean, got_var = bn_at(model, index).statistics(new_state)
+        np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_var, var, rtol=1e-5)
+        assert int(new_state.get(bn_at(model, index).state_index).counter) == 4
+    with pytest.raises(ValueError, match="got no batches"):
+        eqx_norm.recalibrate(model, state, [])
+    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`"):
+        eqx_norm.recalibrate(eqx.nn.Linear(2, 2, key=getkey()), state, batches)
+    bad = batches[0].at[0, 0].set(jnp.nan)
+    with pytest.raises(
+        ValueError, match=r"batch 1 gave non-finite statistics.*layers\[1\]"
+    ):
+        eqx_norm.recalibrate(model, state, [batches[0], bad])
+
+
+def test_forum_case_dead_channel_found_and_repaired(getkey):
+    """The PyTorch forum case: a running variance of 5.6e-45 in one channel makes
+    inference blow up; diagnose finds it, recalibrate repairs it, after which
+    inference matches training-mode outputs on the same data."""
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, getkey())
+    bn = bn_at(model, 1)
+    stats = state.get(bn.state_index)
+    state = state.set(bn.state_index, stats._replace(var=stats.var.at[2].set(5.6e-45)))
+    x = _data(getkey(), n=64)
+    report = eqx_norm.diagnose(model, state, x)
+    assert [d.path for d in report.layers] == [".layers.layers[1]", ".layers.layers[4]"]
+    assert report[0].dead_channels.tolist() == [2]
+    assert report[1].dead_channels.size == 0
+    assert report[0].max_gap > 10 * report[1].max_gap
+    text = str(report)
+    assert ".layers.layers[1]" in text and "recalibrate" in text
+    y_train, _ = apply(model, x, state)
+    y_bad, _ = apply(model, x, state, inference=True)
+    assert np.max(np.abs(y_bad - y_train)) > 1
+    repaired = eqx_norm.recalibrate(model, state, [x])
+    y_inf, _ = apply(model, x, repaired, inference=True)
+    np.testing.assert_allclose(y_inf, y_train, rtol=1e-5, atol=1e-5)
+    assert eqx_norm.diagnose(model, repaired, x)[0].max_gap < 1e-4
+
+
+@pytest.mark.parametrize("approach", ["batch", "ema", "smooth-start", "renorm"])
+def test_diagnose_gap_equals_measured_gap(approach, getkey):
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        3, "batch", approach=approach, momentum=0.9
+    )
+    bn = eqx.tree_at(
+        lambda b: (b.weight, b.bias),
+        bn,
+        (jnp.array([1.0, 2.0, 0.5]), jnp.array([0.1, -0.2, 0.3])),
+    )
+    for k in jax.random.split(getkey(), 3):
+        _, state = apply(bn, 1 + jax.random.normal(k, (16, 3, 4)), state)
+    x = 2 + 3 * jax.random.normal(getkey(), (16, 3, 4))
+    d = eqx_norm.diagnose(bn, state, x)[0]
+    y_train, _ = apply(bn, x, jax.tree.map(lambda a: a, state))
+    y_infer, _ = apply(bn, x, state, inference=True)
+    measured = np.sqrt(
+        np.mean((np.asarray(y_train, F64) - np.asarray(y_infer, F64)) ** 2, axis=(0, 2))
+    )
+    np.testing.assert_allclose(d.gap, measured, rtol=1e-4, atol=1e-6)
+    xs = np.asarray(x, F64)
+    np.testing.assert_allclose(d.batch_mean, xs.mean((0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(d.batch_var, xs.var((0, 2)), rtol=1e-4)
+    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`"):
+        eqx_norm.diagnose(eqx.nn.Linear(2, 2, key=getkey()), state, x)
+
+
+def test_diagnose_flags_non_finite_statistics(getkey):
+    model, state = eqx.nn.make_with_state(MLP)()
+    bn = bn_at(model, 4)
+    stats = state.get(bn.state_index)
+    state = state.set(
+        bn.state_index, stats._replace(mean=stats.mean.at[1].set(jnp.inf))
+    )
+    report = eqx_norm.diagnose(model, state, _data(getkey()))
+    assert report[1].nonfinite_channels.tolist() == [1]
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, getkey())
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like_model, like_state = eqx.nn.make_with_state(MLP)(key=getkey())
+    loaded_model, loaded_state = eqx_norm.load(path, like_model, like_state)
+    for a, b in zip(
+        jax.tree.leaves((loaded_model, loaded_state)), jax.tree.leaves((model, state))
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    def assert_untouched(m, s, before):
+        for a, b in zip(jax.tree.leaves((m, s)), before):
+            np.testing.assert_array_equal(a, b)
+
+    other, other_state = eqx.nn.make_with_state(MLP)("running")
+    before = [np.asarray(a) for a in jax.tree.leaves((other, other_state))]
+    with pytest.raises(
+        ValueError,
+        match=r"at '\.layers\.layers\[1\]' was saved with "
+        r"approach='Batch\(\)'.*set_approach",
+    ):
+        eqx_norm.load(path, other, other_state)
+    assert_untouched(other, other_state, before)
+
+    class Wider(MLP):
+        def __init__(self):
+            super().__init__()
+            self.layers = eqx.tree_at(
+                lambda s: s.layers[4],
+                self.layers,
+                eqx_norm.BatchNorm(7, "batch", momentum=0.9),
+            )
+
+    wide, wide_state = eqx.nn.make_with_state(Wider)()
+    with pytest.raises(
+        ValueError, match=r"layers\[4\]' was saved with input_size=5.*input_size=7"
+    ):
+        eqx_norm.load(path, wide, wide_state)
+
+    class Half(MLP):
+        def __init__(self):
+            super().__init__()
+            self.layers = eqx.tree_at(
+                lambda s: s.layers[1],
+                self.layers,
+                eqx_norm.BatchNorm(6, "batch", momentum=0.9, dtype=jnp.float16),
+            )
+
+    half, half_state = eqx.nn.make_with_state(Half)()
+    with pytest.raises(
+        ValueError, match="parameter_dtype='float32'.*parameter_dtype='float16'"
+    ):
+        eqx_norm.load(path, half, half_state)
+    junk = tmp_path / "junk.eqx"
+    eqx.tree_serialise_leaves(junk, (model, state))
+    with pytest.raises(ValueError, match="not a checkpoint written by `eqx_norm.save`"):
+        eqx_norm.load(junk, model, state)
