@@ -23,6 +23,7 @@ from ._diagnose import (
     diagnose as diagnose,
 )
 from ._sam import SAMState as SAMState, sam as sam
+from ._sharding import replicate as replicate, shard_batch as shard_batch
 from ._step import sam_step as sam_step
 from ._tools import (
     batch_norms as batch_norms,
@@ -55,8 +56,10 @@ __all__ = [
     "from_equinox",
     "load",
     "recalibrate",
+    "replicate",
     "sam",
     "sam_step",
     "save",
     "set_approach",
+    "shard_batch",
 ]

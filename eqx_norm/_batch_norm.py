@@ -28,6 +28,20 @@ def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
     return size
 
 
+def _pmean(x: Array, axis_name: Hashable | Sequence[Hashable]) -> Array:
+    try:
+        return lax.pmean(x, axis_name)
+    except (AssertionError, ValueError) as e:
+        # JAX's varying-axes check rejects a collective over a `vmap` axis inside
+        # `shard_map`; without the check the same program is right.
+        raise ValueError(
+            f"`eqx_norm.BatchNorm(axis_name={axis_name!r})` could not reduce over "
+            f"those axes ({type(e).__name__}: {e}). Inside `jax.shard_map`, JAX "
+            "checks varying axes and refuses collectives over the `vmap` axis: call "
+            "`jax.shard_map(..., check_vma=False)`, as `eqx.nn.BatchNorm` needs too."
+        ) from e
+
+
 def _all_finite(*xs: Array) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
@@ -274,8 +288,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
             shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
             xc = x.astype(dtype) - jnp.expand_dims(shift, spatial)
             # Mean and second moment in one collective.
-            moments = jnp.stack([jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)])
-            centred_mean, second = lax.pmean(moments, self.axis_name)
+            moments = jnp.concatenate(
+                [jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)]
+            )
+            moments = _pmean(moments, self.axis_name)
+            centred_mean, second = (
+                moments[: self.input_size],
+                moments[self.input_size :],
+            )
             batch = BatchStats(
                 mean=centred_mean + shift,
                 var=jnp.maximum(second - centred_mean**2, 0),

@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -22,6 +22,9 @@ def _fresh(state: eqx.nn.State) -> eqx.nn.State:
 def sam_step(
     loss_fn: Callable[..., tuple[Any, Any]],
     optimizer: optax.GradientTransformation,
+    *,
+    axis_name: Hashable | Sequence[Hashable] | None = None,
+    per_device_perturbation: bool = False,
 ) -> Callable[..., tuple[Any, ...]]:
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
@@ -45,12 +48,24 @@ def sam_step(
     model, state, opt_state, loss = step(model, state, opt_state, x, y)
     ```
 
+    Several devices. Under `jax.jit` with the batch sharded over a mesh (see
+    [`eqx_norm.shard_batch`][]), gradients are those of the global batch already:
+    leave `axis_name` as `None`. Inside `jax.shard_map`, where each device sees its
+    shard of the batch, pass the mesh axis as `axis_name`: the loss and gradients are
+    averaged across it, by default before the perturbation, so SAM on 8 devices is
+    SAM on the full batch. With `per_device_perturbation=True` each device perturbs
+    with its own gradient and only the gradients at the perturbed points are
+    averaged (the paper's m-sharpness, with m the per-device batch).
+
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)` or
         `(loss, (new_state, aux))`, with a scalar loss.
     - `optimizer`: an Optax optimizer, initialised on
         `eqx.filter(model, eqx.is_inexact_array)`.
+    - `axis_name`: inside `shard_map`, the data-parallel mesh axis (or axes).
+    - `per_device_perturbation`: with `axis_name` and SAM, perturb with each
+        device's own gradient.
 
     **Returns:**
 
@@ -59,6 +74,15 @@ def sam_step(
     when `loss_fn` returns an aux. It can be wrapped in `eqx.filter_jit`,
     `eqx.filter_vmap` (an ensemble of models) or `jax.lax.scan`.
     """
+
+    if per_device_perturbation and axis_name is None:
+        raise ValueError(
+            "`per_device_perturbation=True` needs the data axis: pass `axis_name=` "
+            "(the `shard_map` mesh axis the batch is split over)."
+        )
+
+    def mean(tree):
+        return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
     def step(model, state, opt_state, *batch):
         params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -72,18 +96,18 @@ def sam_step(
         if _uses_sam(opt_state):
 
             def grad_fn(perturbed):
-                return jax.grad(lambda p: loss_and_state(p, _fresh(state))[0])(
-                    perturbed
-                )
+                loss_at = lambda p: loss_and_state(p, _fresh(state))[0]  # noqa: E731
+                return mean(jax.grad(loss_at)(perturbed))
 
             updates, opt_state = optimizer.update(
-                grads,
+                grads if per_device_perturbation else mean(grads),
                 opt_state,
                 params,
                 grad_fn=grad_fn,  # pyright: ignore[reportCallIssue]
             )
         else:
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(mean(grads), opt_state, params)
+        loss = mean(loss)
         model = eqx.apply_updates(model, updates)
         if isinstance(rest, eqx.nn.State):
             return model, rest, opt_state, loss

@@ -1,3 +1,8 @@
+import os
+
+# Eight CPU devices stand in for eight accelerators; set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 import jax
 import pytest
 

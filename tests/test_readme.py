@@ -1,4 +1,5 @@
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ README = (ROOT / "README.md").read_text()
 
 
 def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+    blocks = re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+    return [textwrap.dedent(b) for b in blocks]
 
 
 @pytest.mark.standard_promotion  # optax.adam

@@ -1,0 +1,347 @@
+"""Several devices: 8 CPU devices (XLA_FLAGS, set in conftest.py) stand in for 8
+accelerators."""
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import eqx_norm
+
+from .helpers import apply, batches, make, train_step, with_affine
+
+APPROACHES = list(eqx_norm._approaches.APPROACHES)
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS is set in conftest.py)"
+)
+
+
+def mesh(shape=(8,), names=("data",), types=AxisType.Auto):
+    return jax.make_mesh(shape, names, axis_types=(types,) * len(shape))
+
+
+def _clone(state):
+    return jax.tree.map(lambda a: a, state)
+
+
+def _shard_map_step(bn, mesh_, names=("data",)):
+    """Style (b): one training step inside shard_map, the layer named after the
+    mesh axes and the vmap axis."""
+    spec = P(names if len(names) > 1 else names[0])
+
+    def body(x, g, state):
+        def loss(x):
+            y, new_state = apply(bn, x, state)
+            return jnp.sum(g * y), (y, new_state)
+
+        (_, (y, new_state)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, dx, new_state
+
+    return jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh_,
+            in_specs=(spec, spec, P()),
+            out_specs=(spec, spec, P()),
+            check_vma=False,
+        )
+    )
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("style", ["jit", "shard_map"])
+def test_sharded_equals_one_device(approach, style, getkey):
+    """10 steps: outputs, input gradients and state equal one device on the full
+    batch within 1e-5."""
+    m = mesh()
+    ref_bn, ref_state = make(3, approach=approach, momentum=0.9)
+    ref_bn = with_affine(ref_bn, getkey())
+    axis_name = ("data", "batch") if style == "shard_map" else "batch"
+    bn, state = make(3, approach=approach, momentum=0.9, axis_name=axis_name)
+    bn = eqx.tree_at(lambda b: (b.weight, b.bias), bn, (ref_bn.weight, ref_bn.bias))
+    sharded = NamedSharding(m, P("data"))
+    state = jax.device_put(state, NamedSharding(m, P()))
+    mapped = _shard_map_step(bn, m)
+    for t, x in enumerate(batches(getkey(), 10, (32, 3, 4))):
+        g = jax.random.normal(getkey(), x.shape)
+        y_ref, dx_ref, ref_state = train_step(ref_bn, x, g, ref_state)
+        xs, gs = jax.device_put(x, sharded), jax.device_put(g, sharded)
+        if style == "shard_map":
+            y, dx, state = mapped(xs, gs, state)
+        else:
+            y, dx, state = train_step(bn, xs, gs, state)
+        assert y.sharding.is_equivalent_to(sharded, y.ndim)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{t}")
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{t}")
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _all_reduces(compiled_text: str | None) -> int:
+    assert compiled_text is not None
+    return len(re.findall(r"\ball-reduce(-start)?\(", compiled_text))
+
+
+@pytest.mark.parametrize("approach", ["batch", "ema", "renorm"])
+def test_one_all_reduce_per_call(approach, getkey):
+    """Exactly one all-reduce per BatchNorm call in the compiled program: under jit
+    over an Auto mesh, and inside shard_map over Auto and Explicit meshes. (JAX's
+    Explicit mode does not yet batch collectives over vmap axes under jit.)"""
+    x = jax.random.normal(getkey(), (32, 3, 4))
+    m = mesh()
+    xs = jax.device_put(x, NamedSharding(m, P("data")))
+    bn, state = make(3, approach=approach)
+    forward = jax.jit(lambda x, s: apply(bn, x, s))
+    assert _all_reduces(forward.lower(xs, state).compile().as_text()) == 1
+    # Two layers, two all-reduces.
+    two, two_state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            eqx_norm.BatchNorm(3, "batch", approach=approach),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx_norm.BatchNorm(3, "batch", approach=approach),
+        ]
+    )
+    forward2 = jax.jit(lambda x, s: apply(two, x, s))
+    assert _all_reduces(forward2.lower(xs, two_state).compile().as_text()) == 2
+    for types in (AxisType.Auto, AxisType.Explicit):
+        m = mesh(types=types)
+        bn2, state2 = make(3, approach=approach, axis_name=("data", "batch"))
+        body = jax.shard_map(
+            lambda x, s: apply(bn2, x, s),
+            mesh=m,
+            in_specs=(P("data"), P()),
+            out_specs=(P("data"), P()),
+            check_vma=False,
+        )
+        xs = jax.device_put(x, NamedSharding(m, P("data")))
+        state2 = eqx_norm.replicate(state2, m)
+        assert _all_reduces(jax.jit(body).lower(xs, state2).compile().as_text()) == 1
+
+
+def test_shard_map_with_checked_axes_gives_a_clear_error(getkey):
+    bn, state = make(3, axis_name=("data", "batch"))
+    body = jax.shard_map(
+        lambda x, s: apply(bn, x, s),
+        mesh=mesh(),
+        in_specs=(P("data"), P()),
+        out_specs=(P("data"), P()),
+    )
+    with pytest.raises(ValueError, match="check_vma=False"):
+        jax.jit(body)(jnp.ones((16, 3)), state)
+
+
+def test_subgroup_statistics(getkey):
+    """A (2, 4) mesh: statistics over the 4 devices of each group only equal
+    single-device statistics of each group's half of the batch."""
+    m = mesh((2, 4), ("group", "data"))
+    bn, state = make(3, momentum=0.9, axis_name=("data", "batch"))
+    ref, ref_state = make(3, momentum=0.9)
+    ref_states = [ref_state, _clone(ref_state)]
+    spec = P(("group", "data"))
+
+    def body(x, stacked):
+        # Each group holds its own statistics: a leading axis over groups.
+        y, state = apply(bn, x, jax.tree.map(lambda a: a[0], stacked))
+        return y, jax.tree.map(lambda a: a[None], state)
+
+    step = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=m,
+            in_specs=(spec, P("group")),
+            out_specs=(spec, P("group")),
+            check_vma=False,
+        )
+    )
+    per_group = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    for x in batches(getkey(), 3, (32, 3, 5)):
+        y, per_group = step(jax.device_put(x, NamedSharding(m, spec)), per_group)
+        for i in range(2):
+            y_ref, ref_states[i] = apply(ref, x[16 * i : 16 * (i + 1)], ref_states[i])
+            np.testing.assert_allclose(
+                y[16 * i : 16 * (i + 1)], y_ref, rtol=1e-5, atol=1e-5
+            )
+            mean, var = ref.statistics(ref_states[i])
+            group = jax.tree.map(lambda a: a[i], per_group)
+            np.testing.assert_allclose(
+                bn.statistics(group)[0], mean, rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(bn.statistics(group)[1], var, rtol=1e-5)
+        assert not np.allclose(
+            per_group.get(bn.state_index).mean[0], per_group.get(bn.state_index).mean[1]
+        )
+
+
+class Net(eqx.Module):
+    layers: eqx.nn.Sequential
+
+    def __init__(self, axis_name, key, norm=True):
+        k1, k2 = jax.random.split(key)
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Linear(4, 6, use_bias=not norm, key=k1),
+                eqx_norm.BatchNorm(6, axis_name, momentum=0.9)
+                if norm
+                else eqx.nn.Identity(),
+                eqx.nn.Lambda(jax.nn.tanh),
+                eqx.nn.Linear(6, 2, key=k2),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+def loss_fn(model, state, x, y):
+    pred, state = apply(model, x, state)
+    return jnp.mean((pred - y) ** 2), state
+
+
+def _data(key, n=32):
+    kx, ky = jax.random.split(key)
+    return 1 + 2 * jax.random.normal(kx, (n, 4)), jax.random.normal(ky, (n, 2))
+
+
+def _params(model):
+    return jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+
+
+@pytest.mark.parametrize("style", ["jit", "shard_map"])
+def test_sam_with_sync_batch_norm_equals_one_device(style, getkey):
+    key = getkey()
+    opt = eqx_norm.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+    ref, ref_state = eqx.nn.make_with_state(Net)("batch", key)
+    ref_opt = opt.init(eqx.filter(ref, eqx.is_inexact_array))
+    ref_step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
+    m = mesh()
+    data = NamedSharding(m, P("data"))
+    if style == "jit":
+        model, state = eqx.nn.make_with_state(Net)("batch", key)
+        step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
+    else:
+        model, state = eqx.nn.make_with_state(Net)(("data", "batch"), key)
+        inner = eqx_norm.sam_step(loss_fn, opt, axis_name="data")
+        params, static = eqx.partition(model, eqx.is_array)
+
+        def body(params, state, opt_state, x, y):
+            model, state, opt_state, loss = inner(
+                eqx.combine(params, static), state, opt_state, x, y
+            )
+            return eqx.filter(model, eqx.is_array), state, opt_state, loss
+
+        mapped = jax.jit(
+            jax.shard_map(
+                body,
+                mesh=m,
+                in_specs=(P(), P(), P(), P("data"), P("data")),
+                out_specs=P(),
+                check_vma=False,
+            )
+        )
+
+        def step(model, state, opt_state, x, y):
+            params, _ = eqx.partition(model, eqx.is_array)
+            params, state, opt_state, loss = mapped(params, state, opt_state, x, y)
+            return eqx.combine(params, static), state, opt_state, loss
+
+    model, state = eqx_norm.replicate((model, state), m)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    for _ in range(5):
+        x, y = _data(getkey())
+        ref, ref_state, ref_opt, ref_loss = ref_step(ref, ref_state, ref_opt, x, y)
+        xs, ys = eqx_norm.shard_batch((x, y), m)
+        assert xs.sharding.is_equivalent_to(data, 2)
+        model, state, opt_state, loss = step(model, state, opt_state, xs, ys)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for a, b in zip(_params(model), _params(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_device_perturbation_equals_per_shard_reference(getkey):
+    """m-sharpness: each device perturbs with the gradient of its own shard, and
+    only the gradients at the perturbed points are averaged."""
+    rho, lr = 0.1, 0.2
+    model, state = eqx.nn.make_with_state(Net)("batch", getkey(), norm=False)
+    opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    m = mesh()
+    inner = eqx_norm.sam_step(
+        loss_fn, opt, axis_name="data", per_device_perturbation=True
+    )
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def body(params, state, opt_state, x, y):
+        model, state, opt_state, loss = inner(
+            eqx.combine(params, static), state, opt_state, x, y
+        )
+        return eqx.filter(model, eqx.is_array), state, opt_state, loss
+
+    mapped = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=m,
+            in_specs=(P(), P(), P(), P("data"), P("data")),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    ref = eqx.filter(model, eqx.is_inexact_array)
+
+    def shard_loss(p, x, y):
+        return loss_fn(eqx.combine(p, static), _clone(state), x, y)[0]
+
+    for _ in range(3):
+        x, y = _data(getkey())
+        params, state, opt_state, _ = mapped(params, state, opt_state, x, y)
+        second = []
+        for d in range(8):
+            xd, yd = x[4 * d : 4 * d + 4], y[4 * d : 4 * d + 4]
+            g = jax.grad(shard_loss)(ref, xd, yd)
+            norm = optax.tree.norm(g)
+            perturbed = jax.tree.map(lambda w, g: w + rho * g / norm, ref, g)
+            second.append(jax.grad(shard_loss)(perturbed, xd, yd))
+        mean_second = jax.tree.map(lambda *gs: sum(gs) / 8, *second)
+        ref = jax.tree.map(lambda w, g: w - lr * g, ref, mean_second)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Not the same as averaging first: the two modes differ.
+    with pytest.raises(ValueError, match="needs the data axis"):
+        eqx_norm.sam_step(loss_fn, opt, per_device_perturbation=True)
+
+
+def test_uneven_batch_is_a_clear_error():
+    m = mesh()
+    with pytest.raises(ValueError, match="batch of 60 does not split evenly over 8"):
+        eqx_norm.shard_batch(jnp.ones((60, 3)), m)
+    with pytest.raises(ValueError, match="the mesh has axes"):
+        eqx_norm.shard_batch(jnp.ones((64, 3)), m, axis="model")
+
+
+def test_multi_device_example_trains(tmp_path):
+    """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "8 devices, 30 SAM steps" in out
+    accuracy = float(out.rsplit("test accuracy", 1)[1])
+    assert accuracy > 0.5
