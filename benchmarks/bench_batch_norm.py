@@ -1,0 +1,161 @@
+"""BatchNorm training forward+backward under jax.jit: eqx_norm.BatchNorm against
+eqx.nn.BatchNorm, Flax's BatchNorm (channels-last, its native layout) and an
+elementwise proxy that reads and writes the same bytes; every approach against
+`batch`; compile time and peak temporary memory.
+
+    python benchmarks/bench_batch_norm.py [--rounds 30] [--quick]
+"""
+
+import argparse
+import platform
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from _timing import compile_seconds, interleaved, table, temp_bytes
+
+import eqx_norm
+
+SHAPES = [(64, 512), (64, 64, 32, 32), (128, 256, 8, 8)]
+
+
+def _jit(f, args):
+    """jax.jit over the arrays of `args` (modules included), the rest closed over,
+    so that every candidate is a plain compiled XLA program."""
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    return jax.jit(lambda dynamic: f(*eqx.combine(dynamic, static))), (dynamic,)
+
+
+def _loss(y):
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+
+def eqx_norm_step(x, approach="batch"):
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        x.shape[1], "batch", approach=approach
+    )
+
+    def f(bn, x, state):
+        def loss(bn, x):
+            y, new_state = jax.vmap(
+                bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+            )(x, state)
+            return _loss(y), new_state
+
+        (_, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(bn, x)
+        return grads, new_state
+
+    return _jit(f, (bn, x, state))
+
+
+def equinox_step(x):
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        x.shape[1], "batch", mode="batch"
+    )
+
+    def f(bn, x, state):
+        def loss(bn, x):
+            y, new_state = jax.vmap(
+                bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+            )(x, state)
+            return _loss(y), new_state
+
+        (_, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(bn, x)
+        return grads, new_state
+
+    return _jit(f, (bn, x, state))
+
+
+def flax_step(x):
+    x_last = jnp.moveaxis(x, 1, -1)  # Flax's native layout: channels last
+    module = nn.BatchNorm(use_running_average=False, momentum=0.99)
+    variables = module.init(jax.random.key(0), x_last)
+
+    def f(params, stats, x):
+        def loss(params, x):
+            y, updates = module.apply(
+                {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
+            )
+            return _loss(y), updates
+
+        (_, updates), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, x
+        )
+        return grads, updates
+
+    return jax.jit(f), (variables["params"], variables["batch_stats"], x_last)
+
+
+def proxy_step(x):
+    def f(x):
+        return jax.grad(lambda x: _loss(1.5 * x + 0.5))(x)
+
+    return jax.jit(f), (x,)
+
+
+def bench_shape(shape, dtype, rounds):
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+    builders = {
+        "eqx_norm": lambda: eqx_norm_step(x),
+        "equinox": lambda: equinox_step(x),
+        "flax": lambda: flax_step(x),
+        "proxy": lambda: proxy_step(x),
+    }
+    compiled, compile_s, memory = {}, {}, {}
+    for name, build in builders.items():
+        fn, args = build()
+        compile_s[name], program = compile_seconds(fn, *args)
+        memory[name] = temp_bytes(program)
+        compiled[name] = (lambda fn=fn, args=args: fn(*args))
+    med = interleaved(compiled, rounds=rounds)
+    return med, compile_s, memory
+
+
+def bench_approaches(shape, rounds):
+    x = jax.random.normal(jax.random.key(0), shape)
+    candidates = {}
+    for approach in eqx_norm._approaches.APPROACHES:
+        fn, args = eqx_norm_step(x, approach)
+        fn(*args)
+        candidates[approach] = lambda fn=fn, args=args: fn(*args)
+    return interleaved(candidates, rounds=rounds)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="first shape only")
+    args = parser.parse_args()
+    print(f"# BatchNorm forward+backward, {jax.default_backend()} "
+          f"({platform.processor() or platform.machine()}, {jax.device_count()} "
+          f"device(s)), jax {jax.__version__}; medians of {args.rounds} interleaved "
+          "rounds; ratios are eqx_norm's time (or memory) over the peer's.\n")
+    rows = []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for shape in shapes:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            med, comp, mem = bench_shape(shape, dtype, args.rounds)
+            ours = med["eqx_norm"]
+            rows.append([
+                str(shape), jnp.dtype(dtype).name,
+                f"{ours * 1e3:.2f}",
+                f"{ours / med['flax']:.2f}", f"{ours / med['equinox']:.2f}",
+                f"{ours / med['proxy']:.2f}",
+                f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
+                f"{comp['eqx_norm']:.2f} / {comp['equinox']:.2f}",
+            ])
+            print(f"{shape} {jnp.dtype(dtype).name}: " + ", ".join(
+                f"{k} {v * 1e3:.2f} ms" for k, v in med.items()) + "; temp bytes "
+                + ", ".join(f"{k} {v}" for k, v in mem.items()), flush=True)
+    print()
+    print(table(rows, ["shape", "dtype", "eqx_norm ms", "/ flax", "/ equinox",
+                       "/ proxy", "temp mem / flax", "compile s (ours / equinox)"]))
+    print("\n## Every approach against `batch`, (64, 64, 32, 32) float32\n")
+    med = bench_approaches((64, 64, 32, 32) if not args.quick else (64, 512), args.rounds)
+    print(table([[k, f"{v * 1e3:.2f}", f"{v / med['batch']:.2f}"] for k, v in med.items()],
+                ["approach", "ms", "/ batch"]))
+
+
+if __name__ == "__main__":
+    main()
