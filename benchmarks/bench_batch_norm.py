@@ -107,7 +107,7 @@ def bench_shape(shape, dtype, rounds):
         fn, args = build()
         compile_s[name], program = compile_seconds(fn, *args)
         memory[name] = temp_bytes(program)
-        compiled[name] = (lambda fn=fn, args=args: fn(*args))
+        compiled[name] = lambda fn=fn, args=args: fn(*args)
     med = interleaved(compiled, rounds=rounds)
     return med, compile_s, memory
 
@@ -127,34 +127,63 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="first shape only")
     args = parser.parse_args()
-    print(f"# BatchNorm forward+backward, {jax.default_backend()} "
-          f"({platform.processor() or platform.machine()}, {jax.device_count()} "
-          f"device(s)), jax {jax.__version__}; medians of {args.rounds} interleaved "
-          "rounds; ratios are eqx_norm's time (or memory) over the peer's.\n")
+    print(
+        f"# BatchNorm forward+backward, {jax.default_backend()} "
+        f"({platform.processor() or platform.machine()}, {jax.device_count()} "
+        f"device(s)), jax {jax.__version__}; medians of {args.rounds} interleaved "
+        "rounds; ratios are eqx_norm's time (or memory) over the peer's.\n"
+    )
     rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     for shape in shapes:
         for dtype in (jnp.float32, jnp.bfloat16):
             med, comp, mem = bench_shape(shape, dtype, args.rounds)
             ours = med["eqx_norm"]
-            rows.append([
-                str(shape), jnp.dtype(dtype).name,
-                f"{ours * 1e3:.2f}",
-                f"{ours / med['flax']:.2f}", f"{ours / med['equinox']:.2f}",
-                f"{ours / med['proxy']:.2f}",
-                f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
-                f"{comp['eqx_norm']:.2f} / {comp['equinox']:.2f}",
-            ])
-            print(f"{shape} {jnp.dtype(dtype).name}: " + ", ".join(
-                f"{k} {v * 1e3:.2f} ms" for k, v in med.items()) + "; temp bytes "
-                + ", ".join(f"{k} {v}" for k, v in mem.items()), flush=True)
+            rows.append(
+                [
+                    str(shape),
+                    jnp.dtype(dtype).name,
+                    f"{ours * 1e3:.2f}",
+                    f"{ours / med['flax']:.2f}",
+                    f"{ours / med['equinox']:.2f}",
+                    f"{ours / med['proxy']:.2f}",
+                    f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
+                    f"{comp['eqx_norm']:.2f} / {comp['equinox']:.2f}",
+                ]
+            )
+            print(
+                f"{shape} {jnp.dtype(dtype).name}: "
+                + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+                + "; temp bytes "
+                + ", ".join(f"{k} {v}" for k, v in mem.items()),
+                flush=True,
+            )
     print()
-    print(table(rows, ["shape", "dtype", "eqx_norm ms", "/ flax", "/ equinox",
-                       "/ proxy", "temp mem / flax", "compile s (ours / equinox)"]))
+    print(
+        table(
+            rows,
+            [
+                "shape",
+                "dtype",
+                "eqx_norm ms",
+                "/ flax",
+                "/ equinox",
+                "/ proxy",
+                "temp mem / flax",
+                "compile s (ours / equinox)",
+            ],
+        )
+    )
     print("\n## Every approach against `batch`, (64, 64, 32, 32) float32\n")
-    med = bench_approaches((64, 64, 32, 32) if not args.quick else (64, 512), args.rounds)
-    print(table([[k, f"{v * 1e3:.2f}", f"{v / med['batch']:.2f}"] for k, v in med.items()],
-                ["approach", "ms", "/ batch"]))
+    med = bench_approaches(
+        (64, 64, 32, 32) if not args.quick else (64, 512), args.rounds
+    )
+    print(
+        table(
+            [[k, f"{v * 1e3:.2f}", f"{v / med['batch']:.2f}"] for k, v in med.items()],
+            ["approach", "ms", "/ batch"],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,31 @@ def main():
     for name, (fn, dyn) in programs.items():
         compile_s[name], _ = compile_seconds(fn, dyn)
     med = interleaved(
-        {name: (lambda fn=fn, dyn=dyn: fn(dyn)) for name, (fn, dyn) in programs.items()},
+        {
+            name: (lambda fn=fn, dyn=dyn: fn(dyn))
+            for name, (fn, dyn) in programs.items()
+        },
         rounds=args.rounds,
     )
     plain = med["plain step (eqx_norm)"]
-    print(f"# MNIST CNN training step, batch 64, {jax.default_backend()}, medians of "
-          f"{args.rounds} interleaved rounds\n")
-    print(table(
-        [[k, f"{v * 1e3:.2f}", f"{v / plain:.2f}", f"{compile_s[k]:.2f}"] for k, v in med.items()],
-        ["step", "ms", "/ plain eqx_norm step", "compile s"],
-    ))
-    print(f"\nSAM / plain: {med['SAM step (eqx_norm)'] / plain:.2f} (goal <= 2.05); "
-          f"eqx_norm CNN / eqx.nn.BatchNorm CNN: "
-          f"{plain / med['plain step (eqx.nn.BatchNorm)']:.2f} (goal <= 1.0)")
+    print(
+        f"# MNIST CNN training step, batch 64, {jax.default_backend()}, medians of "
+        f"{args.rounds} interleaved rounds\n"
+    )
+    print(
+        table(
+            [
+                [k, f"{v * 1e3:.2f}", f"{v / plain:.2f}", f"{compile_s[k]:.2f}"]
+                for k, v in med.items()
+            ],
+            ["step", "ms", "/ plain eqx_norm step", "compile s"],
+        )
+    )
+    print(
+        f"\nSAM / plain: {med['SAM step (eqx_norm)'] / plain:.2f} (goal <= 2.05); "
+        f"eqx_norm CNN / eqx.nn.BatchNorm CNN: "
+        f"{plain / med['plain step (eqx.nn.BatchNorm)']:.2f} (goal <= 1.0)"
+    )
 
 
 if __name__ == "__main__":
