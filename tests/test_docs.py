@@ -1,0 +1,60 @@
+"""The documentation cannot drift from the code: every public name has an entry in
+the API reference, and every Python block on the site runs."""
+
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import eqx_norm
+from eqx_norm import data, experiments
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "assets" not in p.parts)
+
+
+def _api_entries() -> set[str]:
+    text = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
+    return set(re.findall(r"^::: ([\w.]+)", text, flags=re.M))
+
+
+@pytest.mark.parametrize(
+    "module, prefix",
+    [
+        (eqx_norm, "eqx_norm"),
+        (data, "eqx_norm.data"),
+        (experiments, "eqx_norm.experiments"),
+    ],
+)
+def test_every_public_name_has_an_api_entry_and_a_docstring(module, prefix):
+    entries = _api_entries()
+    missing = [n for n in module.__all__ if f"{prefix}.{n}" not in entries]
+    assert not missing, f"not in docs/api: {missing}"
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert inspect.getdoc(obj), f"{prefix}.{name} has no docstring"
+
+
+def _python_blocks(page: Path) -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    return [textwrap.dedent(b) for b in blocks]
+
+
+@pytest.mark.standard_promotion  # optax.adam
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if _python_blocks(p)], ids=lambda p: p.stem
+)
+def test_docs_code_blocks_run(page, capsys):
+    namespace: dict = {}
+    for block in _python_blocks(page):
+        exec(compile(block, str(page), "exec"), namespace)
+
+
+def test_pages_are_in_the_nav():
+    nav = (DOCS.parent / "mkdocs.yml").read_text()
+    for page in PAGES:
+        relative = page.relative_to(DOCS).as_posix()
+        assert relative in nav, f"{relative} is not in mkdocs.yml's nav"
