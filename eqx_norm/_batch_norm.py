@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import math
 from collections.abc import Hashable, Sequence
 
@@ -42,8 +43,15 @@ def _pmean(x: Array, axis_name: Hashable | Sequence[Hashable]) -> Array:
         ) from e
 
 
-def _all_finite(*xs: Array) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+def _expand(v: Array, ndim: int) -> Array:
+    return v.reshape(v.shape + (1,) * (ndim - 1))
+
+
+def _local_moments(x: Array, shift: Array, dtype) -> Array:
+    """This example's per-channel mean of `x - shift` and of its square, stacked."""
+    spatial = tuple(range(1, x.ndim))
+    xc = x.astype(dtype) - _expand(shift, x.ndim)
+    return jnp.concatenate([jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)])
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -267,11 +275,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         running = state.get(self.state_index)
         dtype = running.mean.dtype
-        spatial = tuple(range(1, x.ndim))
         if inference:
             mean, var = self.approach.infer(running, self.momentum)
             shift = mean
-            xc = x.astype(dtype) - jnp.expand_dims(shift, spatial)
         else:
             n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
             if n == 1 and self.approach.needs_batch_variance:
@@ -286,10 +292,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # cancel in E[x^2] - E[x]^2; the shift is a constant for the gradient.
             shift, _ = self.approach.infer(running, self.momentum)
             shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-            xc = x.astype(dtype) - jnp.expand_dims(shift, spatial)
-            # Mean and second moment in one collective.
-            moments = jnp.concatenate(
-                [jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)]
+            # Mean and second moment in one collective. Rematerialised: the
+            # backward pass recomputes the shifted input instead of storing it.
+            moments = jax.checkpoint(functools.partial(_local_moments, dtype=dtype))(
+                x, shift
             )
             moments = _pmean(moments, self.axis_name)
             centred_mean, second = (
@@ -304,7 +310,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mean, var, new_running = self.approach.train(
                 batch, running, self.momentum, self.eps
             )
-            keep = _all_finite(batch.mean, batch.var, *jax.tree.leaves(new_running))
+            # NaN or inf in either statistic survives the sum: one reduction.
+            keep = jnp.all(jnp.isfinite(batch.mean + batch.var))
             new_running = jax.tree.map(
                 lambda new, old: jnp.where(keep, new, old), new_running, running
             )
@@ -315,5 +322,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             assert self.weight is not None and self.bias is not None
             scale = scale * self.weight.astype(dtype)
             offset = offset * self.weight.astype(dtype) + self.bias.astype(dtype)
-        out = xc * jnp.expand_dims(scale, spatial) + jnp.expand_dims(offset, spatial)
+        # (x - shift) * scale + offset, as one multiply-add on x.
+        offset = offset - shift * scale
+        out = x.astype(dtype) * _expand(scale, x.ndim) + _expand(offset, x.ndim)
         return out.astype(x.dtype), state

@@ -1,6 +1,8 @@
 """Property tests of the layer's guarantees across approaches, dtypes, shapes and
 momentum."""
 
+import os
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 SETTINGS = settings(
     max_examples=20,
     deadline=None,
+    # Reproducible examples in CI; fresh ones on developers' machines.
+    derandomize=os.environ.get("CI") == "true",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -83,19 +87,27 @@ def test_jit_equals_eager(case):
     bn, state, xs = _setup(case, steps=2)
     jitted = jax.jit(lambda x, s: apply(bn, x, s))
     eager_state, jit_state = state, _clone(state)
-    tol = (
-        1e-5
-        if case["dtype"] == jnp.float32
-        else float(jnp.finfo(case["dtype"]).eps) * 4
-    )
+    axes = (0,) + tuple(range(2, len(case["shape"])))
+    worst = 1e-5
     for x in xs:
+        # The documented precision: the batch variance keeps about 7 - 2 log10(k)
+        # digits in float32, k the distance of the batch mean from the running mean
+        # (the shift) in batch standard deviations; jit and eager may round apart
+        # by that much, and half precision by its own rounding.
+        xf = np.asarray(x, np.float64)
+        shift = np.asarray(bn.statistics(eager_state)[0], np.float64)
+        k = np.max(np.abs(xf.mean(axes) - shift) / np.sqrt(xf.var(axes) + bn.eps))
+        tol = max(1e-5, 8 * 1.2e-7 * k**2)
+        if case["dtype"] != jnp.float32:
+            tol = max(tol, float(jnp.finfo(case["dtype"]).eps) * 4)
+        worst = max(worst, tol)
         y, eager_state = apply(bn, x, eager_state)
         y_jit, jit_state = jitted(x, jit_state)
         np.testing.assert_allclose(
             np.asarray(y_jit, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol
         )
     for a, b in zip(jax.tree.leaves(jit_state), jax.tree.leaves(eager_state)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=worst, atol=1e-6)
 
 
 @given(cases(approaches=["batch"]))
