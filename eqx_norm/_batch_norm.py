@@ -95,11 +95,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     in batch standard deviations. Once the running mean has caught up with the data
     $k$ is small whatever the offset. On the first step the shift is 0 (the initial
     mean), so data far from zero loses precision in that step's variance: for a mean
-    of 1000 standard deviations it is good to about 5%. With `"batch"` (and
-    `"frozen"`) that touches the first step only; approaches that normalise with
-    their running statistics (`"ema"`, `"adam-correction"`, `"smooth-start"`,
-    `"running"`, `"renorm"`) carry it on in them, fading at the rate of the
-    momentum.
+    of 1000 standard deviations and 256 values per channel it was off by 24% (median
+    over seeds; at most 48%). With `"batch"` (and `"frozen"`) that touches the first
+    step only; approaches that normalise with their running statistics (`"ema"`,
+    `"adam-correction"`, `"smooth-start"`, `"running"`, `"renorm"`) carry it on in
+    them, fading at the rate of the momentum. Centring such data before the first
+    step, or one throw-away step, avoids it.
 
     A batch whose statistics are not finite (NaN or infinity) leaves the running
     statistics untouched; its output is still what the formula gives.
