@@ -31,10 +31,8 @@ def _loss(y):
     return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
 
-def eqx_norm_step(x, approach="batch"):
-    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
-        x.shape[1], "batch", approach=approach
-    )
+def _equinox_style_step(bn, state, x):
+    """Forward+backward of a per-example Equinox layer vmapped over the batch."""
 
     def f(bn, x, state):
         def loss(bn, x):
@@ -47,24 +45,20 @@ def eqx_norm_step(x, approach="batch"):
         return grads, new_state
 
     return _jit(f, (bn, x, state))
+
+
+def eqx_norm_step(x, approach="batch"):
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        x.shape[1], "batch", approach=approach
+    )
+    return _equinox_style_step(bn, state, x)
 
 
 def equinox_step(x):
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
         x.shape[1], "batch", mode="batch"
     )
-
-    def f(bn, x, state):
-        def loss(bn, x):
-            y, new_state = jax.vmap(
-                bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
-            )(x, state)
-            return _loss(y), new_state
-
-        (_, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(bn, x)
-        return grads, new_state
-
-    return _jit(f, (bn, x, state))
+    return _equinox_style_step(bn, state, x)
 
 
 def flax_step(x):

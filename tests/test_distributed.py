@@ -212,6 +212,28 @@ def _params(model):
     return jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
 
 
+def _shard_mapped(step, model, mesh_):
+    """`step(model, state, opt_state, x, y)` inside `shard_map`, the batch split over
+    "data" and everything else replicated; returns it over the model's arrays, and
+    the model's static part."""
+    _, static = eqx.partition(model, eqx.is_array)
+
+    def body(params, state, opt_state, x, y):
+        model, state, opt_state, loss = step(
+            eqx.combine(params, static), state, opt_state, x, y
+        )
+        return eqx.filter(model, eqx.is_array), state, opt_state, loss
+
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh_,
+        in_specs=(P(), P(), P(), P("data"), P("data")),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.jit(mapped), static
+
+
 @pytest.mark.parametrize("style", ["jit", "shard_map"])
 def test_sam_with_sync_batch_norm_equals_one_device(style, getkey):
     key = getkey()
@@ -227,23 +249,7 @@ def test_sam_with_sync_batch_norm_equals_one_device(style, getkey):
     else:
         model, state = eqx.nn.make_with_state(Net)(("data", "batch"), key)
         inner = eqx_norm.sam_step(loss_fn, opt, axis_name="data")
-        params, static = eqx.partition(model, eqx.is_array)
-
-        def body(params, state, opt_state, x, y):
-            model, state, opt_state, loss = inner(
-                eqx.combine(params, static), state, opt_state, x, y
-            )
-            return eqx.filter(model, eqx.is_array), state, opt_state, loss
-
-        mapped = jax.jit(
-            jax.shard_map(
-                body,
-                mesh=m,
-                in_specs=(P(), P(), P(), P("data"), P("data")),
-                out_specs=P(),
-                check_vma=False,
-            )
-        )
+        mapped, static = _shard_mapped(inner, model, m)
 
         def step(model, state, opt_state, x, y):
             params, _ = eqx.partition(model, eqx.is_array)
@@ -276,23 +282,8 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
     inner = eqx_norm.sam_step(
         loss_fn, opt, axis_name="data", per_device_perturbation=True
     )
-    params, static = eqx.partition(model, eqx.is_array)
-
-    def body(params, state, opt_state, x, y):
-        model, state, opt_state, loss = inner(
-            eqx.combine(params, static), state, opt_state, x, y
-        )
-        return eqx.filter(model, eqx.is_array), state, opt_state, loss
-
-    mapped = jax.jit(
-        jax.shard_map(
-            body,
-            mesh=m,
-            in_specs=(P(), P(), P(), P("data"), P("data")),
-            out_specs=P(),
-            check_vma=False,
-        )
-    )
+    params, _ = eqx.partition(model, eqx.is_array)
+    mapped, static = _shard_mapped(inner, model, m)
     ref = eqx.filter(model, eqx.is_inexact_array)
 
     def shard_loss(p, x, y):
