@@ -64,4 +64,6 @@ def main(png: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/digits.png")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/make_digits.py path/to/digits.png")
+    main(sys.argv[1])
