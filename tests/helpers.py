@@ -65,3 +65,41 @@ def batches(key, steps, shape, dtype=jnp.float32):
         x = mean[idx] + scale[idx] * jax.random.normal(k, shape)
         out.append(x.astype(dtype))
     return out
+
+
+class Net(eqx.Module):
+    """A small regression network: Linear, BatchNorm (or nothing), activation,
+    Linear; called per example with a state."""
+
+    layers: eqx.nn.Sequential
+
+    def __init__(
+        self,
+        key,
+        approach="batch",
+        axis_name="batch",
+        norm=True,
+        activation=jax.nn.relu,
+    ):
+        k1, k2 = jax.random.split(key)
+        middle = (
+            eqx_norm.BatchNorm(6, axis_name, approach=approach, momentum=0.9)
+            if norm
+            else eqx.nn.Identity()
+        )
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Linear(4, 6, use_bias=not norm, key=k1),
+                middle,
+                eqx.nn.Lambda(activation),
+                eqx.nn.Linear(6, 2, key=k2),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+def mse_loss(model, state, x, y):
+    pred, state = apply(model, x, state)
+    return jnp.mean((pred - y) ** 2), state

@@ -13,7 +13,15 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import apply, batches, make, train_step, with_affine
+from .helpers import (
+    Net,
+    apply,
+    batches,
+    make,
+    mse_loss,
+    train_step,
+    with_affine,
+)
 
 APPROACHES = list(eqx_norm._approaches.APPROACHES)
 
@@ -178,29 +186,11 @@ def test_subgroup_statistics(getkey):
         )
 
 
-class Net(eqx.Module):
-    layers: eqx.nn.Sequential
-
-    def __init__(self, axis_name, key, norm=True):
-        k1, k2 = jax.random.split(key)
-        self.layers = eqx.nn.Sequential(
-            [
-                eqx.nn.Linear(4, 6, use_bias=not norm, key=k1),
-                eqx_norm.BatchNorm(6, axis_name, momentum=0.9)
-                if norm
-                else eqx.nn.Identity(),
-                eqx.nn.Lambda(jax.nn.tanh),
-                eqx.nn.Linear(6, 2, key=k2),
-            ]
-        )
-
-    def __call__(self, x, state):
-        return self.layers(x, state)
+def net(axis_name, key, norm=True):
+    return Net(key, axis_name=axis_name, norm=norm, activation=jax.nn.tanh)
 
 
-def loss_fn(model, state, x, y):
-    pred, state = apply(model, x, state)
-    return jnp.mean((pred - y) ** 2), state
+loss_fn = mse_loss
 
 
 def _data(key, n=32):
@@ -238,16 +228,16 @@ def _shard_mapped(step, model, mesh_):
 def test_sam_with_sync_batch_norm_equals_one_device(style, getkey):
     key = getkey()
     opt = eqx_norm.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
-    ref, ref_state = eqx.nn.make_with_state(Net)("batch", key)
+    ref, ref_state = eqx.nn.make_with_state(net)("batch", key)
     ref_opt = opt.init(eqx.filter(ref, eqx.is_inexact_array))
     ref_step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
     m = mesh()
     data = NamedSharding(m, P("data"))
     if style == "jit":
-        model, state = eqx.nn.make_with_state(Net)("batch", key)
+        model, state = eqx.nn.make_with_state(net)("batch", key)
         step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
     else:
-        model, state = eqx.nn.make_with_state(Net)(("data", "batch"), key)
+        model, state = eqx.nn.make_with_state(net)(("data", "batch"), key)
         inner = eqx_norm.sam_step(loss_fn, opt, axis_name="data")
         mapped, static = _shard_mapped(inner, model, m)
 
@@ -275,7 +265,7 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
     """m-sharpness: each device perturbs with the gradient of its own shard, and
     only the gradients at the perturbed points are averaged."""
     rho, lr = 0.1, 0.2
-    model, state = eqx.nn.make_with_state(Net)("batch", getkey(), norm=False)
+    model, state = eqx.nn.make_with_state(net)("batch", getkey(), norm=False)
     opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     m = mesh()

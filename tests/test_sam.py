@@ -9,7 +9,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import apply
+from .helpers import Net, apply, mse_loss
 
 APPROACHES = list(eqx_norm._approaches.APPROACHES)
 
@@ -224,27 +224,7 @@ def test_errors():
 # ---------------------------------------------------------------- sam_step
 
 
-class Net(eqx.Module):
-    layers: eqx.nn.Sequential
-
-    def __init__(self, approach, key):
-        k1, k2 = jax.random.split(key)
-        self.layers = eqx.nn.Sequential(
-            [
-                eqx.nn.Linear(4, 6, use_bias=False, key=k1),
-                eqx_norm.BatchNorm(6, "batch", approach=approach, momentum=0.9),
-                eqx.nn.Lambda(jax.nn.relu),
-                eqx.nn.Linear(6, 2, key=k2),
-            ]
-        )
-
-    def __call__(self, x, state):
-        return self.layers(x, state)
-
-
-def loss_fn(model, state, x, y):
-    pred, state = apply(model, x, state)
-    return jnp.mean((pred - y) ** 2), state
+loss_fn = mse_loss
 
 
 def _data(key, n=16):
@@ -255,7 +235,7 @@ def _data(key, n=16):
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_sam_step_keeps_first_pass_state(approach, getkey):
     rho, lr = 0.05, 0.1
-    model, state = eqx.nn.make_with_state(Net)(approach, getkey())
+    model, state = eqx.nn.make_with_state(Net)(getkey(), approach)
     base = optax.sgd(lr)
     opt = eqx_norm.sam(base, rho=rho)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -299,7 +279,7 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
 
 @pytest.mark.standard_promotion
 def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
-    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+    model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = optax.adam(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     x, y = _data(getkey())
@@ -333,7 +313,7 @@ def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
 
 
 def test_sam_step_returns_aux(getkey):
-    model, state = eqx.nn.make_with_state(Net)("batch", getkey())
+    model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.sam(optax.sgd(0.1))
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -358,7 +338,7 @@ def test_vmapped_ensemble_equals_separate_runs(getkey):
     batches = [_data(getkey()) for _ in range(3)]
 
     def init(key):
-        model, state = eqx.nn.make_with_state(Net)("batch", key)
+        model, state = eqx.nn.make_with_state(Net)(key)
         return model, state, opt.init(eqx.filter(model, eqx.is_inexact_array))
 
     models, states, opt_states = eqx.filter_vmap(init)(keys)
