@@ -2,6 +2,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
+
+T = TypeVar("T")
 
 
 def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
@@ -29,7 +32,7 @@ def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
     return size
 
 
-def _pmean(x: Array, axis_name: Hashable | Sequence[Hashable]) -> Array:
+def _pmean(x: T, axis_name: Hashable | Sequence[Hashable]) -> T:
     try:
         return lax.pmean(x, axis_name)
     except (AssertionError, ValueError) as e:
@@ -47,11 +50,17 @@ def _expand(v: Array, ndim: int) -> Array:
     return v.reshape(v.shape + (1,) * (ndim - 1))
 
 
-def _local_moments(x: Array, shift: Array, dtype) -> Array:
-    """This example's per-channel mean of `x - shift` and of its square, stacked."""
+def _local_moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
+    """This example's per-channel mean of `x`, and mean of `(x - shift)**2`.
+
+    Each of the two reductions reads `x` alone (the shift is taken off the mean
+    after the reduction), so that XLA fuses the shift and the square into the second
+    one instead of writing the shifted input out for both.
+    """
     spatial = tuple(range(1, x.ndim))
-    xc = x.astype(dtype) - _expand(shift, x.ndim)
-    return jnp.concatenate([jnp.mean(xc, spatial), jnp.mean(xc * xc, spatial)])
+    x = x.astype(dtype)
+    centred = x - _expand(shift, x.ndim)
+    return jnp.mean(x, spatial), jnp.mean(centred * centred, spatial)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -87,20 +96,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
     They are kept in float32 (or `dtype`, if wider) whatever the input's dtype; the
     output has the input's dtype.
 
-    The batch mean and second moment are reduced across `axis_name` in one
-    collective. So that large offsets do not cancel in $E[x^2] - E[x]^2$, the input
-    is first shifted by the current inference mean (a constant for the gradient):
+    The batch mean and second moment are reduced across `axis_name` by two
+    independent `psum`s, which XLA combines into one all-reduce. So that large
+    offsets do not cancel in $E[x^2] - E[x]^2$, the input is first shifted by the
+    current inference mean (a constant for the gradient):
     the batch variance then keeps about $7 - 2\log_{10} k$ significant digits in
     float32, where $k$ is the distance between the batch mean and the running mean
     in batch standard deviations. Once the running mean has caught up with the data
     $k$ is small whatever the offset. On the first step the shift is 0 (the initial
     mean), so data far from zero loses precision in that step's variance: for a mean
-    of 1000 standard deviations and 256 values per channel it was off by 24% (median
-    over seeds; at most 48%). With `"batch"` (and `"frozen"`) that touches the first
-    step only; approaches that normalise with their running statistics (`"ema"`,
-    `"adam-correction"`, `"smooth-start"`, `"running"`, `"renorm"`) carry it on in
-    them, fading at the rate of the momentum. Centring such data before the first
-    step, or one throw-away step, avoids it.
+    of 1000 standard deviations and 256 values per channel it was off by 5-12%
+    (median over 20 seeds and three layouts of the 256 values; at most 34%). With
+    `"batch"` (and `"frozen"`) that touches the first step only; approaches that
+    normalise with their running statistics (`"ema"`, `"adam-correction"`,
+    `"smooth-start"`, `"running"`, `"renorm"`) carry it on in them, fading at the
+    rate of the momentum. Centring such data before the first step, or one
+    throw-away step, avoids it.
 
     A batch whose statistics are not finite (NaN or infinity) leaves the running
     statistics untouched; its output is still what the formula gives.
@@ -155,7 +166,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             `(input_size, *spatial)`.
         - `axis_name`: the name of the batch axis to compute statistics over, as
             given to `jax.vmap` or `shard_map`; a tuple of names reduces over all of
-            them (in one collective).
+            them (in one all-reduce).
         - `approach`: how statistics are used and kept: one of `"batch"`, `"ema"`,
             `"adam-correction"`, `"smooth-start"`, `"frozen"`, `"running"`,
             `"renorm"`, or an [`eqx_norm.Approach`][] object.
@@ -293,18 +304,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # cancel in E[x^2] - E[x]^2; the shift is a constant for the gradient.
             shift, _ = self.approach.infer(running, self.momentum)
             shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-            # Mean and second moment in one collective. Rematerialised: the
-            # backward pass recomputes the shifted input instead of storing it.
+            # Mean and second moment in one all-reduce (XLA combines the two
+            # independent psums). Rematerialised: the backward pass recomputes the
+            # shifted input instead of storing it.
             moments = jax.checkpoint(functools.partial(_local_moments, dtype=dtype))(
                 x, shift
             )
-            moments = _pmean(moments, self.axis_name)
-            centred_mean, second = (
-                moments[: self.input_size],
-                moments[self.input_size :],
-            )
+            mean, second = _pmean(moments, self.axis_name)
+            centred_mean = mean - shift
             batch = BatchStats(
-                mean=centred_mean + shift,
+                mean=mean,
                 var=jnp.maximum(second - centred_mean**2, 0),
                 n=n,
             )

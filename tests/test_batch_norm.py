@@ -162,19 +162,39 @@ def test_large_offset_does_not_cancel(approach, getkey):
             np.testing.assert_allclose(y, y_ref, atol=1e-3, err_msg=f"step {t + 1}")
 
 
-def _count_collectives(jaxpr) -> int:
-    count = 0
+_COLLECTIVES = {"psum", "pmean", "pmax", "pmin", "all_gather"}
+
+
+def _collectives(jaxpr) -> list:
+    """The collective equations of `jaxpr` and its sub-jaxprs, in order."""
+    found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in {"psum", "pmean", "pmax", "pmin", "all_gather"}:
-            count += 1
+        if eqn.primitive.name in _COLLECTIVES:
+            found.append(eqn)
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            count += _count_collectives(sub)
-    return count
+            found.extend(_collectives(sub))
+    return found
+
+
+def _depends_on_a_collective(jaxpr) -> bool:
+    """Whether some collective's input is computed from another collective's output
+    (as in a two-pass mean-then-variance), so that the two cannot be combined."""
+    tainted: set = set()
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)]
+        if eqn.primitive.name in _COLLECTIVES and any(v in tainted for v in ins):
+            return True
+        if eqn.primitive.name in _COLLECTIVES or any(v in tainted for v in ins):
+            tainted.update(eqn.outvars)
+    return False
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
 @pytest.mark.parametrize("axis_name", ["batch", ("outer", "inner")])
 def test_one_collective_per_call(approach, axis_name, getkey):
+    """The batch mean and second moment are reduced by independent psums of C values
+    each, which XLA combines into one all-reduce (`test_one_all_reduce_per_call`
+    checks the compiled program); a mean-then-variance pass would need two."""
     bn, state = make(3, approach=approach, axis_name=axis_name)
     x = jax.random.normal(getkey(), (3, 4))
 
@@ -187,12 +207,24 @@ def test_one_collective_per_call(approach, axis_name, getkey):
         for name in ((axis_name,) if isinstance(axis_name, str) else axis_name)
     ]
     jaxpr = jax.make_jaxpr(train, axis_env=env)(x)
-    assert _count_collectives(jaxpr.jaxpr) == 1
+    collectives = _collectives(jaxpr.jaxpr)
+    assert [eqn.primitive.name for eqn in collectives] == ["psum", "psum"]
+    assert all(eqn.outvars[0].aval.shape == (3,) for eqn in collectives)
+    assert not _depends_on_a_collective(jaxpr.jaxpr)
     grad_jaxpr = jax.make_jaxpr(
         jax.grad(lambda x: jnp.sum(train(x) ** 2)), axis_env=env
     )(x)
-    # The backward pass of a pmean is one more pmean (of the cotangents).
-    assert _count_collectives(grad_jaxpr.jaxpr) <= 2
+    # The backward pass of each psum is one more (of the cotangents).
+    assert len(_collectives(grad_jaxpr.jaxpr)) <= 4
+
+
+def test_the_collective_test_sees_a_two_pass_layer(getkey):
+    """`eqx.nn.BatchNorm` reduces the variance after the mean: the check above must
+    tell that apart."""
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+    x = jax.random.normal(getkey(), (3, 4))
+    jaxpr = jax.make_jaxpr(lambda x: bn(x, state)[0], axis_env=[("batch", 4)])(x)
+    assert _depends_on_a_collective(jaxpr.jaxpr)
 
 
 def test_nested_axis_names_equal_one_flat_axis(getkey):
