@@ -1,6 +1,7 @@
 """Interleaved timing: every candidate runs once per round, rounds repeat, and each
-candidate's median over rounds is reported with its ratio to a baseline. Machines
-are shared and noisy: compare ratios within one run, not absolute times."""
+candidate's median over rounds is reported, and ratios are medians of the per-round
+ratios. Machines are shared and noisy: compare ratios within one run, not absolute
+times."""
 
 import statistics
 import time
@@ -11,8 +12,9 @@ import jax
 
 def interleaved(
     candidates: dict[str, Callable[[], object]], rounds: int = 30, warmup: int = 3
-) -> dict[str, float]:
-    """Median seconds per call of each (already compiled) zero-argument callable."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each (already compiled) zero-argument callable, one
+    sample per round; round r of every candidate ran back to back."""
     for fn in candidates.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
@@ -25,7 +27,17 @@ def interleaved(
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of a's time over b's in the same round: paired, so a
+    change in the machine's load between rounds cancels."""
+    return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
 
 def compile_seconds(jitted, *args) -> tuple[float, object]:

@@ -13,7 +13,7 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from _timing import compile_seconds, interleaved, table, temp_bytes
+from _timing import compile_seconds, interleaved, median, ratio, table, temp_bytes
 
 import eqx_norm
 
@@ -74,7 +74,10 @@ def equinox_step(x):
 
 def flax_step(x):
     x_last = jnp.moveaxis(x, 1, -1)  # Flax's native layout: channels last
-    module = nn.BatchNorm(use_running_average=False, momentum=0.99)
+    # `dtype`: the output in the input's dtype, as the other layers give it (Flax
+    # would otherwise promote a bfloat16 batch to a float32 output); statistics stay
+    # float32 (Flax's `force_float32_reductions`).
+    module = nn.BatchNorm(use_running_average=False, momentum=0.99, dtype=x.dtype)
     variables = module.init(jax.random.key(0), x_last)
 
     def f(params, stats, x):
@@ -113,8 +116,7 @@ def bench_shape(shape, dtype, rounds):
         compile_s[name], program = compile_seconds(fn, *args)
         memory[name] = temp_bytes(program)
         compiled[name] = lambda fn=fn, args=args: fn(*args)
-    med = interleaved(compiled, rounds=rounds)
-    return med, compile_s, memory
+    return interleaved(compiled, rounds=rounds), compile_s, memory
 
 
 def bench_approaches(shape, rounds):
@@ -136,29 +138,30 @@ def main():
         f"# BatchNorm forward+backward, {jax.default_backend()} "
         f"({platform.processor() or platform.machine()}, {jax.device_count()} "
         f"device(s)), jax {jax.__version__}; medians of {args.rounds} interleaved "
-        "rounds; ratios are eqx_norm's time (or memory) over the peer's.\n"
+        "rounds; ratios are eqx_norm's time over the peer's in the same round "
+        "(median over rounds), or its memory over the peer's.\n"
     )
     rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     for shape in shapes:
         for dtype in (jnp.float32, jnp.bfloat16):
-            med, comp, mem = bench_shape(shape, dtype, args.rounds)
-            ours = med["eqx_norm"]
+            times, comp, mem = bench_shape(shape, dtype, args.rounds)
+            ours = median(times["eqx_norm"])
             rows.append(
                 [
                     str(shape),
                     jnp.dtype(dtype).name,
                     f"{ours * 1e3:.2f}",
-                    f"{ours / med['flax']:.2f}",
-                    f"{ours / med['equinox']:.2f}",
-                    f"{ours / med['proxy']:.2f}",
+                    f"{ratio(times, 'eqx_norm', 'flax'):.2f}",
+                    f"{ratio(times, 'eqx_norm', 'equinox'):.2f}",
+                    f"{ratio(times, 'eqx_norm', 'proxy'):.2f}",
                     f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
                     f"{comp['eqx_norm']:.2f} / {comp['equinox']:.2f}",
                 ]
             )
             print(
                 f"{shape} {jnp.dtype(dtype).name}: "
-                + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+                + ", ".join(f"{k} {median(v) * 1e3:.2f} ms" for k, v in times.items())
                 + "; temp bytes "
                 + ", ".join(f"{k} {v}" for k, v in mem.items()),
                 flush=True,
@@ -179,13 +182,15 @@ def main():
             ],
         )
     )
-    print("\n## Every approach against `batch`, (64, 64, 32, 32) float32\n")
-    med = bench_approaches(
-        (64, 64, 32, 32) if not args.quick else (64, 512), args.rounds
-    )
+    shape = (64, 512) if args.quick else (64, 64, 32, 32)
+    print(f"\n## Every approach against `batch`, {shape} float32\n")
+    times = bench_approaches(shape, args.rounds)
     print(
         table(
-            [[k, f"{v * 1e3:.2f}", f"{v / med['batch']:.2f}"] for k, v in med.items()],
+            [
+                [k, f"{median(v) * 1e3:.2f}", f"{ratio(times, k, 'batch'):.2f}"]
+                for k, v in times.items()
+            ],
             ["approach", "ms", "/ batch"],
         )
     )

@@ -1,6 +1,7 @@
 """Training steps of the MNIST CNN (batch 64): one SAM step against one plain step
 (two passes are the floor, 2x), and the CNN with eqx_norm.BatchNorm against the same
-CNN with eqx.nn.BatchNorm, all jitted, medians of interleaved runs.
+CNN with eqx.nn.BatchNorm, all jitted, interleaved; ratios are medians of per-round
+ratios.
 
     python benchmarks/bench_training.py [--rounds 30]
 """
@@ -11,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import compile_seconds, interleaved, table
+from _timing import compile_seconds, interleaved, median, ratio, table
 
 import eqx_norm
 from eqx_norm import data, experiments
@@ -56,14 +57,14 @@ def main():
     compile_s = {}
     for name, (fn, dyn) in programs.items():
         compile_s[name], _ = compile_seconds(fn, dyn)
-    med = interleaved(
+    times = interleaved(
         {
             name: (lambda fn=fn, dyn=dyn: fn(dyn))
             for name, (fn, dyn) in programs.items()
         },
         rounds=args.rounds,
     )
-    plain = med["plain step (eqx_norm)"]
+    plain = "plain step (eqx_norm)"
     print(
         f"# MNIST CNN training step, batch 64, {jax.default_backend()}, medians of "
         f"{args.rounds} interleaved rounds\n"
@@ -71,16 +72,21 @@ def main():
     print(
         table(
             [
-                [k, f"{v * 1e3:.2f}", f"{v / plain:.2f}", f"{compile_s[k]:.2f}"]
-                for k, v in med.items()
+                [
+                    k,
+                    f"{median(v) * 1e3:.2f}",
+                    f"{ratio(times, k, plain):.2f}",
+                    f"{compile_s[k]:.2f}",
+                ]
+                for k, v in times.items()
             ],
             ["step", "ms", "/ plain eqx_norm step", "compile s"],
         )
     )
     print(
-        f"\nSAM / plain: {med['SAM step (eqx_norm)'] / plain:.2f} (goal <= 2.05); "
-        f"eqx_norm CNN / eqx.nn.BatchNorm CNN: "
-        f"{plain / med['plain step (eqx.nn.BatchNorm)']:.2f} (goal <= 1.0)"
+        f"\nSAM / plain: {ratio(times, 'SAM step (eqx_norm)', plain):.2f} (goal <= "
+        "2.05); eqx_norm CNN / eqx.nn.BatchNorm CNN: "
+        f"{ratio(times, plain, 'plain step (eqx.nn.BatchNorm)'):.2f} (goal <= 1.0)"
     )
 
 
