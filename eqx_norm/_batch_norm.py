@@ -50,17 +50,65 @@ def _expand(v: Array, ndim: int) -> Array:
     return v.reshape(v.shape + (1,) * (ndim - 1))
 
 
+def _unshared(*arrays: Array) -> tuple[Array, ...]:
+    """`arrays` again, as values that XLA will not merge with one another.
+
+    XLA:CPU fuses the float32 conversion of a narrow (bfloat16, float16) array into a
+    reduction only if no other reduction reads the same conversion; two reductions
+    of one bfloat16 array otherwise get a float32 copy of it written out in full,
+    which costs more than both reductions. Giving each reduction its own value (an
+    optimisation barrier) avoids the copy. Other backends fuse such conversions
+    anyway, and there the barrier would only keep XLA from fusing sibling
+    reductions, so it is CPU-only.
+    """
+    return lax.platform_dependent(
+        *arrays, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a
+    )
+
+
 def _local_moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
     """This example's per-channel mean of `x`, and mean of `(x - shift)**2`.
 
     Each of the two reductions reads `x` alone (the shift is taken off the mean
-    after the reduction), so that XLA fuses the shift and the square into the second
-    one instead of writing the shifted input out for both.
+    after the reduction), so that XLA fuses the conversion, the shift and the square
+    into the reductions instead of writing a shifted or converted copy of `x` out.
     """
     spatial = tuple(range(1, x.ndim))
-    x = x.astype(dtype)
-    centred = x - _expand(shift, x.ndim)
-    return jnp.mean(x, spatial), jnp.mean(centred * centred, spatial)
+    x1, x2 = (x, x) if x.dtype == dtype else _unshared(x, x)
+    centred = x2.astype(dtype) - _expand(shift, x.ndim)
+    return jnp.mean(x1.astype(dtype), spatial), jnp.mean(centred * centred, spatial)
+
+
+def _affine_formula(x: Array, scale: Array, offset: Array) -> Array:
+    """`x * scale + offset` per channel, in the dtype of `scale`, returned in x's."""
+    y = x.astype(scale.dtype) * _expand(scale, x.ndim) + _expand(offset, x.ndim)
+    return y.astype(x.dtype)
+
+
+# The same with a hand-written backward pass (below). Its forward pass is plain JAX,
+# so derivatives of the gradient (Hessian-vector products) work; only forward-mode
+# autodiff of the training output itself (`jax.jvp`) does not.
+_affine = jax.custom_vjp(_affine_formula)
+
+
+def _affine_fwd(x, scale, offset):
+    return _affine_formula(x, scale, offset), (x, scale)
+
+
+def _affine_bwd(residuals, dy):
+    # The closed form, written so that each of the two sums is one fused pass over
+    # dy (and x) and dy is converted to the statistics' dtype once per use.
+    x, scale = residuals
+    dtype = scale.dtype
+    spatial = tuple(range(1, x.ndim))
+    dy1, dy2, x2 = (dy, dy, x) if x.dtype == dtype else _unshared(dy, dy, x)
+    d_scale = jnp.sum(dy2.astype(dtype) * x2.astype(dtype), spatial)
+    d_offset = jnp.sum(dy1.astype(dtype), spatial)
+    dx = (dy.astype(dtype) * _expand(scale, x.ndim)).astype(x.dtype)
+    return dx, d_scale, d_offset
+
+
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -334,5 +382,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             offset = offset * self.weight.astype(dtype) + self.bias.astype(dtype)
         # (x - shift) * scale + offset, as one multiply-add on x.
         offset = offset - shift * scale
-        out = x.astype(dtype) * _expand(scale, x.ndim) + _expand(offset, x.ndim)
-        return out.astype(x.dtype), state
+        if inference or not jnp.issubdtype(x.dtype, jnp.floating):
+            # Plain JAX, so that forward-mode autodiff (jax.jvp) works in inference.
+            return _affine_formula(x, scale, offset), state
+        return _affine(x, scale, offset), state
