@@ -1,8 +1,9 @@
-"""Interleaved timing: every candidate runs once per round, rounds repeat, and each
-candidate's median over rounds is reported, and ratios are medians of the per-round
-ratios. Machines are shared and noisy: compare ratios within one run, not absolute
-times."""
+"""Interleaved timing: every candidate runs once per round in a random order, rounds
+repeat, each candidate's median over rounds is reported, and ratios are medians of
+the per-round ratios. Machines are shared and noisy: compare ratios within one run,
+not absolute times."""
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -14,15 +15,18 @@ def interleaved(
     candidates: dict[str, Callable[[], object]], rounds: int = 30, warmup: int = 3
 ) -> dict[str, list[float]]:
     """Seconds per call of each (already compiled) zero-argument callable, one
-    sample per round; round r of every candidate ran back to back."""
+    sample per round; in each round every candidate runs once, in a random order."""
     for fn in candidates.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
-    for r in range(rounds):
-        # Rotate the order each round, so that no candidate always runs first.
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    rng = random.Random(0)
+    for _ in range(rounds):
+        # A new order each round: a call runs faster after some programs than after
+        # others (a cheap one leaves the caches and threads warm), so no candidate
+        # may always follow the same one, as a fixed rotation would make it.
+        for name in rng.sample(names, len(names)):
             fn = candidates[name]
             start = time.perf_counter()
             jax.block_until_ready(fn())
