@@ -164,6 +164,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     A batch whose statistics are not finite (NaN or infinity) leaves the running
     statistics untouched; its output is still what the formula gives.
 
+    In training the output has a hand-written backward pass (a `jax.custom_vjp`), so
+    forward-mode autodiff of a training call (`jax.jvp`, `jax.jacfwd`) is not
+    available; reverse mode, and derivatives of gradients such as Hessian-vector
+    products, are. Inference is plain JAX and supports every transformation.
+
     !!! warning
 
         This layer must be used inside a `jax.vmap` (or `shard_map`) with a matching
