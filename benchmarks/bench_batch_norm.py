@@ -102,6 +102,11 @@ def proxy_step(x):
     return _jit(f, (x,))
 
 
+def _flat(built):
+    fn, args = built
+    return (fn, *args)
+
+
 def bench_shape(shape, dtype, rounds):
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
     builders = {
@@ -112,8 +117,12 @@ def bench_shape(shape, dtype, rounds):
     }
     compiled, compile_s, memory = {}, {}, {}
     for name, build in builders.items():
+        # Trace, lower and compile from scratch three times (a new jit each time):
+        # the first compile in a process also warms XLA up.
+        seconds = [compile_seconds(*_flat(build()))[0] for _ in range(2)]
         fn, args = build()
-        compile_s[name], program = compile_seconds(fn, *args)
+        last, program = compile_seconds(fn, *args)
+        compile_s[name] = median([*seconds, last])
         memory[name] = temp_bytes(program)
         compiled[name] = lambda fn=fn, args=args: fn(*args)
     return interleaved(compiled, rounds=rounds), compile_s, memory
