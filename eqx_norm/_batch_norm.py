@@ -363,10 +363,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             moments = jax.checkpoint(functools.partial(_local_moments, dtype=dtype))(
                 x, shift
             )
-            mean, second = _pmean(moments, self.axis_name)
-            centred_mean = mean - shift
+            batch_mean, second = _pmean(moments, self.axis_name)
+            centred_mean = batch_mean - shift
             batch = BatchStats(
-                mean=mean,
+                mean=batch_mean,
                 var=jnp.maximum(second - centred_mean**2, 0),
                 n=n,
             )
