@@ -102,9 +102,17 @@ def proxy_step(x):
     return _jit(f, (x,))
 
 
-def _flat(built):
-    fn, args = built
-    return (fn, *args)
+def _compile(build, times=3):
+    """Build and compile a candidate `times` times from scratch (the first compile
+    in a process also warms XLA up): the median seconds, the last callable, its
+    arguments and its compiled program."""
+    seconds = []
+    while True:
+        fn, args = build()
+        s, program = compile_seconds(fn, *args)
+        seconds.append(s)
+        if len(seconds) == times:
+            return median(seconds), fn, args, program
 
 
 def bench_shape(shape, dtype, rounds):
@@ -117,12 +125,7 @@ def bench_shape(shape, dtype, rounds):
     }
     compiled, compile_s, memory = {}, {}, {}
     for name, build in builders.items():
-        # Trace, lower and compile from scratch three times (a new jit each time):
-        # the first compile in a process also warms XLA up.
-        seconds = [compile_seconds(*_flat(build()))[0] for _ in range(2)]
-        fn, args = build()
-        last, program = compile_seconds(fn, *args)
-        compile_s[name] = median([*seconds, last])
+        compile_s[name], fn, args, program = _compile(build)
         memory[name] = temp_bytes(program)
         compiled[name] = lambda fn=fn, args=args: fn(*args)
     return interleaved(compiled, rounds=rounds), compile_s, memory
