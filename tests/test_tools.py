@@ -296,31 +296,25 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
         eqx_norm.load(path, other, other_state)
     assert_untouched(other, other_state, before)
 
-    class Wider(MLP):
-        def __init__(self):
-            super().__init__()
-            self.layers = eqx.tree_at(
-                lambda s: s.layers[4],
-                self.layers,
-                eqx_norm.BatchNorm(7, "batch", momentum=0.9),
-            )
+    def mlp_with(index, layer):
+        """A fresh MLP, and its state, with `layer` in place of layer `index`."""
 
-    wide, wide_state = eqx.nn.make_with_state(Wider)()
+        class Changed(MLP):
+            def __init__(self):
+                super().__init__()
+                self.layers = eqx.tree_at(lambda s: s.layers[index], self.layers, layer)
+
+        return eqx.nn.make_with_state(Changed)()
+
+    wide, wide_state = mlp_with(4, eqx_norm.BatchNorm(7, "batch", momentum=0.9))
     with pytest.raises(
         ValueError, match=r"layers\[4\]' was saved with input_size=5.*input_size=7"
     ):
         eqx_norm.load(path, wide, wide_state)
 
-    class Half(MLP):
-        def __init__(self):
-            super().__init__()
-            self.layers = eqx.tree_at(
-                lambda s: s.layers[1],
-                self.layers,
-                eqx_norm.BatchNorm(6, "batch", momentum=0.9, dtype=jnp.float16),
-            )
-
-    half, half_state = eqx.nn.make_with_state(Half)()
+    half, half_state = mlp_with(
+        1, eqx_norm.BatchNorm(6, "batch", momentum=0.9, dtype=jnp.float16)
+    )
     with pytest.raises(
         ValueError, match="parameter_dtype='float32'.*parameter_dtype='float16'"
     ):
