@@ -39,30 +39,36 @@ def _loss(y):
     return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
 
-def _equinox_style_step(bn, state, x):
-    """Forward+backward of a per-example Equinox layer vmapped over the batch."""
+def _equinox_style_step(bn, state, x, upstream=None):
+    """Forward+backward of a per-example Equinox layer vmapped over the batch.
 
-    def f(bn, x, state):
+    The loss is `_loss(y)`, or with an `upstream` array `sum(y * upstream)`: then
+    the gradient reaching the layer is that array, as if from a next layer, and not
+    a function of `x` that XLA may recompute inside the layer's backward pass."""
+
+    def f(bn, x, state, upstream):
         def loss(bn_and_x):
             bn, x = bn_and_x
             y, new_state = jax.vmap(
                 bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
             )(x, state)
-            return _loss(y), new_state
+            if upstream is None:
+                return _loss(y), new_state
+            return jnp.sum(y.astype(jnp.float32) * upstream), new_state
 
         # Gradients for the parameters and the input, as inside a network (and as
         # Flax's step below).
         (_, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)((bn, x))
         return grads, new_state
 
-    return _jit(f, (bn, x, state))
+    return _jit(f, (bn, x, state, upstream))
 
 
-def eqx_norm_step(x, approach="batch"):
+def eqx_norm_step(x, approach="batch", upstream=None):
     bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
         x.shape[1], "batch", approach=approach
     )
-    return _equinox_style_step(bn, state, x)
+    return _equinox_style_step(bn, state, x, upstream)
 
 
 def equinox_step(x):
@@ -131,11 +137,13 @@ def bench_shape(shape, dtype, rounds):
     return interleaved(compiled, rounds=rounds), compile_s, memory
 
 
-def bench_approaches(shape, rounds):
+def bench_approaches(shape, rounds, upstream=False):
+    """Every approach's step; with `upstream`, on a given upstream gradient."""
     x = jax.random.normal(jax.random.key(0), shape)
+    g = jax.random.normal(jax.random.key(1), shape) if upstream else None
     candidates = {}
     for approach in eqx_norm._approaches.APPROACHES:
-        fn, args = eqx_norm_step(x, approach)
+        fn, args = eqx_norm_step(x, approach, g)
         fn(*args)
         candidates[approach] = lambda fn=fn, args=args: fn(*args)
     return interleaved(candidates, rounds=rounds)
@@ -196,14 +204,25 @@ def main():
     )
     shape = (64, 512) if args.quick else (64, 64, 32, 32)
     print(f"\n## Every approach against `batch`, {shape} float32\n")
-    times = bench_approaches(shape, args.rounds)
+    # With the loss above, and with an upstream gradient given as an input (as
+    # inside a network): where an approach's forward pass has no batch sums, XLA
+    # recomputes the loss's gradient from x instead of reading it, and keeps a
+    # full-size copy of it for the backward sums.
+    own = bench_approaches(shape, args.rounds)
+    given = bench_approaches(shape, args.rounds, upstream=True)
     print(
         table(
             [
-                [k, f"{median(v) * 1e3:.2f}", f"{ratio(times, k, 'batch'):.2f}"]
-                for k, v in times.items()
+                [
+                    k,
+                    f"{median(own[k]) * 1e3:.2f}",
+                    f"{ratio(own, k, 'batch'):.2f}",
+                    f"{median(given[k]) * 1e3:.2f}",
+                    f"{ratio(given, k, 'batch'):.2f}",
+                ]
+                for k in own
             ],
-            ["approach", "ms", "/ batch"],
+            ["approach", "ms", "/ batch", "ms, upstream grad", "/ batch, upstream"],
         )
     )
 
