@@ -68,6 +68,21 @@ def _clone(state):
     return jax.tree.map(lambda a: a, state)
 
 
+def _float32_precision(bn, state, x):
+    """The layer's documented float32 precision, relative to the output's std, for
+    the worst channel: the batch variance keeps about 7 - 2 log10(k) digits, k the
+    distance of the batch mean from the shift (the layer's inference mean) in batch
+    standard deviations; and the output, one multiply-add on `x`, carries the
+    rounding of `|x|` in batch standard deviations."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    xf = np.asarray(x, np.float64)
+    shift = np.asarray(bn.statistics(state)[0], np.float64)
+    std = np.sqrt(xf.var(axes) + bn.eps)
+    k = np.max(np.abs(xf.mean(axes) - shift) / std)
+    distance_from_zero = np.max(np.max(np.abs(xf), axes) / std)
+    return 1.2e-7 * max(k**2, distance_from_zero)
+
+
 @given(cases())
 @SETTINGS
 def test_finite_input_gives_finite_output_and_state(case):
@@ -87,19 +102,17 @@ def test_jit_equals_eager(case):
     bn, state, xs = _setup(case, steps=2)
     jitted = jax.jit(lambda x, s: apply(bn, x, s))
     eager_state, jit_state = state, _clone(state)
-    axes = (0,) + tuple(range(2, len(case["shape"])))
-    worst = 1e-5
+    worst = carried = 1e-5
     for x in xs:
-        # The documented precision: the batch variance keeps about 7 - 2 log10(k)
-        # digits in float32, k the distance of the batch mean from the running mean
-        # (the shift) in batch standard deviations; jit and eager may round apart
-        # by that much, and half precision by its own rounding.
-        xf = np.asarray(x, np.float64)
-        shift = np.asarray(bn.statistics(eager_state)[0], np.float64)
-        k = np.max(np.abs(xf.mean(axes) - shift) / np.sqrt(xf.var(axes) + bn.eps))
-        tol = max(1e-5, 8 * 1.2e-7 * k**2)
+        # Jit and eager may round apart by the documented precision, and half
+        # precision by its own rounding. Approaches that
+        # normalise with their running statistics carry an earlier step's rounding
+        # on in them, as documented, so their tolerance never drops below it.
+        tol = max(1e-5, 8 * _float32_precision(bn, eager_state, x))
         if case["dtype"] != jnp.float32:
             tol = max(tol, float(jnp.finfo(case["dtype"]).eps) * 4)
+        if case["approach"] not in ("batch", "frozen"):
+            tol = carried = max(tol, carried)
         worst = max(worst, tol)
         y, eager_state = apply(bn, x, eager_state)
         y_jit, jit_state = jitted(x, jit_state)
@@ -117,13 +130,16 @@ def test_batch_output_has_mean_bias_and_std_weight(case):
     assert bn.weight is not None and bn.bias is not None
     axes = (0,) + tuple(range(2, len(case["shape"])))
     for x in xs:
+        # Far from the shift (the first step of data far from zero) the documented
+        # precision is what bounds the output's std.
+        precision = 8 * _float32_precision(bn, state, x)
         y, state = apply(bn, x, state)
         yf = np.asarray(y, np.float64)
         xf = np.asarray(x, np.float64)
         # What the weight times the normalised input has for std: eps shrinks it.
         var = xf.var(axes)
         std = np.asarray(bn.weight, np.float64) * np.sqrt(var / (var + bn.eps))
-        tol = 2e-3 if case["dtype"] == jnp.float32 else 4e-2
+        tol = max(2e-3 if case["dtype"] == jnp.float32 else 4e-2, precision)
         scale = np.max(np.abs(np.asarray(bn.weight))) + np.max(
             np.abs(np.asarray(bn.bias))
         )
