@@ -11,6 +11,7 @@ from typing import ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 
@@ -140,17 +141,33 @@ def _debiased_ema(
 
     With $h_t = m h_{t-1} + (1-m) s_t$, $h_0 = 0$, the debiased value
     $R_t = h_t / (1 - m^t)$ satisfies
-    $R_t = R_{t-1} + \\frac{1 - m}{1 - m^t} (s_t - R_{t-1})$, so storing $R$ and $t$
-    is the same as storing $h$ and $t$, and $R$ is what inference uses directly.
+    $R_t = (1 - w_t) R_{t-1} + w_t s_t$ with $w_t = \\frac{1 - m}{1 - m^t}$, so
+    storing $R$ and $t$ is the same as storing $h$ and $t$, and $R$ is what inference
+    uses directly. The weight is computed wholly in the statistics' dtype, so that
+    $w_1 = 1$ exactly and the first step stores the batch statistics themselves; the
+    two weights are non-negative, so a non-negative variance stays non-negative.
     """
     t = running.counter + 1
-    dtype = running.mean.dtype
-    weight = (1 - momentum) / (1 - jnp.asarray(momentum, dtype) ** t.astype(dtype))
+    m = _momentum(momentum, running)
+    weight = (1 - m) / (1 - _power(m, t))
     return RunningStats(
-        mean=running.mean + weight * (mean - running.mean),
-        var=running.var + weight * (var - running.var),
+        mean=(1 - weight) * running.mean + weight * mean,
+        var=(1 - weight) * running.var + weight * var,
         counter=t,
     )
+
+
+def _power(m: Array, t: Array) -> Array:
+    """$m^t$ for an integer count $t \\geq 1$, exactly $m$ at $t = 1$ on every
+    backend (a floating-point `pow` need not be exact there)."""
+    return jnp.where(t == 1, m, m ** t.astype(m.dtype))
+
+
+def _momentum(momentum: float, running: RunningStats) -> Array:
+    """The momentum in the statistics' dtype. Every weight is computed from it, never
+    from the Python float, so that the weights of a formula sum to one exactly as
+    the dtype rounds them (a float64 `1 - m` beside a float32 `m` does not)."""
+    return jnp.asarray(momentum, running.mean.dtype)
 
 
 def _unbiased(batch: BatchStats) -> Array:
@@ -193,12 +210,9 @@ class EMA(Approach):
     def train(self, batch, running, momentum, eps):
         del eps
         first = running.counter == 0
-        mean = jnp.where(
-            first, batch.mean, momentum * running.mean + (1 - momentum) * batch.mean
-        )
-        var = jnp.where(
-            first, batch.var, momentum * running.var + (1 - momentum) * batch.var
-        )
+        m = _momentum(momentum, running)
+        mean = jnp.where(first, batch.mean, m * running.mean + (1 - m) * batch.mean)
+        var = jnp.where(first, batch.var, m * running.var + (1 - m) * batch.var)
         return mean, var, RunningStats(mean, var, running.counter + 1)
 
 
@@ -231,11 +245,11 @@ class SmoothStart(Approach):
     def train(self, batch, running, momentum, eps):
         del eps
         new = _debiased_ema(running, batch.mean, batch.var, momentum)
-        dtype = running.mean.dtype
-        m_t = jnp.asarray(momentum, dtype) ** new.counter.astype(dtype)
-        # h_{t-1} = (1 - m^{t-1}) R_{t-1}, so m h_{t-1} = (m - m^t) R_{t-1}.
-        old_weight = momentum - m_t
-        batch_weight = 1 - momentum + m_t
+        m = _momentum(momentum, running)
+        # h_{t-1} = (1 - m^{t-1}) R_{t-1}, so m h_{t-1} = (m - m^t) R_{t-1}; the
+        # weights sum to one, and at t = 1 they are exactly 0 and 1.
+        old_weight = m - _power(m, new.counter)
+        batch_weight = 1 - old_weight
         mean = old_weight * running.mean + batch_weight * batch.mean
         var = old_weight * running.var + batch_weight * batch.var
         return mean, var, new
@@ -280,10 +294,15 @@ class Running(Approach):
     needs_batch_variance: ClassVar[bool] = False
 
     def __check_init__(self):
-        if self.max_count < 1:
+        if not (
+            isinstance(self.max_count, (int, np.integer))
+            and not isinstance(self.max_count, bool)
+            and 1 <= self.max_count <= _MAX_COUNT
+        ):
             raise ValueError(
-                f"`max_count` must be a positive number of values, got "
-                f"{self.max_count}; for example `Running(max_count=256)`."
+                f"`max_count` must be a whole number of values from 1 to {_MAX_COUNT} "
+                f"(the int32 counter's range), got {self.max_count!r}; for example "
+                "`Running(max_count=256)`."
             )
 
     def train(self, batch, running, momentum, eps):
@@ -291,13 +310,21 @@ class Running(Approach):
         dtype = running.mean.dtype
         c = running.counter.astype(dtype)
         n = batch.n
-        total = c + n
+        # Weights below one, so that no product can overflow for finite statistics
+        # (c * var can, once var is large and c is at its cap).
+        old_weight = c / (c + n)
+        new_weight = n / (c + n)
         delta = batch.mean - running.mean
-        mean = running.mean + delta * (n / total)
-        m2 = c * running.var + n * batch.var + delta**2 * (c * n / total)
-        var = m2 / total
-        count = jnp.minimum(running.counter + n, self.max_count).astype(jnp.int32)
-        return mean, var, RunningStats(mean, var, count)
+        mean = running.mean + delta * new_weight
+        spread = delta * jnp.sqrt(old_weight * new_weight)
+        var = old_weight * running.var + new_weight * batch.var + spread * spread
+        # Saturating, in int32: the counter never passes max_count, so never wraps.
+        room = self.max_count - running.counter
+        count = running.counter + jnp.minimum(min(n, self.max_count), room)
+        return mean, var, RunningStats(mean, var, count.astype(jnp.int32))
+
+
+_MAX_COUNT = 2**31 - 1
 
 
 class Renorm(Approach):

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
@@ -44,6 +45,24 @@ def _pmean(x: T, axis_name: Hashable | Sequence[Hashable]) -> T:
             "checks varying axes and refuses collectives over the `vmap` axis: call "
             "`jax.shard_map(..., check_vma=False)`, as `eqx.nn.BatchNorm` needs too."
         ) from e
+
+
+class OneValuePerChannelError(ValueError):
+    """A training batch with one value per channel, in an approach that needs a
+    batch variance (raised at trace time)."""
+
+
+def _real_scalar(name: str, value) -> float:
+    """`value` as a Python float, or a `TypeError` naming the argument."""
+    try:
+        if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{name}` must be a real number, got {value!r} of type "
+            f"{type(value).__name__}."
+        ) from None
 
 
 def _expand(v: Array, ndim: int) -> Array:
@@ -240,23 +259,43 @@ class BatchNorm(eqx.nn.StatefulLayer):
         A `ValueError` for a non-positive `input_size`, an unknown `approach`,
         `momentum` outside [0, 1) or a negative `eps`.
         """
-        if not (isinstance(input_size, int) and input_size > 0):
+        if not (
+            isinstance(input_size, (int, np.integer))
+            and not isinstance(input_size, bool)
+            and input_size > 0
+        ):
             raise ValueError(
                 f"`input_size` must be a positive int (the number of channels), got "
                 f"{input_size!r}."
             )
+        input_size = int(input_size)
+        self.approach = as_approach(approach)
+        if dtype is None:
+            dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"`dtype` must be a floating dtype, got {dtype}; e.g. "
+                "`dtype=jnp.float32` (or `jnp.bfloat16` for the weight and bias)."
+            )
+        stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        momentum = _real_scalar("momentum", momentum)
         if not 0 <= momentum < 1:
             raise ValueError(
                 f"`momentum` must be in [0, 1), got {momentum}. It is the weight of "
                 "the old value: PyTorch's `momentum=0.1` is `momentum=0.9` here."
             )
-        if not eps >= 0:
-            raise ValueError(f"`eps` must be at least 0, got {eps}; e.g. `eps=1e-5`.")
-        self.approach = as_approach(approach)
-        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
-        if dtype == jnp.float32 and jax.config.read("jax_enable_x64"):
-            dtype = jnp.dtype(jnp.float64)
-        stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        if not np.asarray(momentum, stats_dtype) < 1:
+            raise ValueError(
+                f"`momentum={momentum!r}` rounds to 1 in the statistics' dtype "
+                f"{stats_dtype}, which would divide by zero in the running statistics; "
+                f"use a momentum below {float(np.nextafter(stats_dtype.type(1), 0))}."
+            )
+        eps = _real_scalar("eps", eps)
+        if not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(
+                f"`eps` must be finite and at least 0, got {eps}; e.g. `eps=1e-5`."
+            )
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype)
             self.bias = jnp.zeros((input_size,), dtype)
@@ -286,7 +325,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         A 2-tuple `(mean, var)` of arrays of shape `(input_size,)`.
         """
-        return self.approach.infer(state.get(self.state_index), self.momentum)
+        return self.approach.infer(self._running(state), self.momentum)
+
+    def _running(self, state: eqx.nn.State) -> RunningStats:
+        """This layer's running statistics, checked to be those of `input_size`
+        channels: a state of another layer would otherwise broadcast silently."""
+        running = state.get(self.state_index)
+        for name, array in (("mean", running.mean), ("var", running.var)):
+            if array.shape != (self.input_size,):
+                raise ValueError(
+                    f"`eqx_norm.BatchNorm(input_size={self.input_size})` was given a "
+                    f"state whose running {name} has shape {tuple(array.shape)}, not "
+                    f"({self.input_size},): the state of another layer. Pass the state "
+                    "made with this model, e.g. by `eqx.nn.make_with_state`."
+                )
+        return running
 
     def with_approach(self, approach: str | Approach) -> "BatchNorm":
         """This layer with another approach; its state stays valid.
@@ -334,6 +387,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         if inference is None:
             inference = self.inference
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"`eqx_norm.BatchNorm` got an input of dtype {x.dtype}; it normalises "
+                "floating-point input only (an integer output would truncate the "
+                "normalised values). Cast it first, e.g. `x.astype(jnp.float32)`, or "
+                "`x / 255.0` for uint8 images."
+            )
         if x.ndim == 0 or x.shape[0] != self.input_size:
             raise ValueError(
                 f"`eqx_norm.BatchNorm(input_size={self.input_size})` got an example "
@@ -341,7 +401,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"(input_size, *spatial) = ({self.input_size}, ...). Check "
                 "`input_size`, or vmap the layer over the batch axis."
             )
-        running = state.get(self.state_index)
+        running = self._running(state)
         dtype = running.mean.dtype
         if inference:
             mean, var = self.approach.infer(running, self.momentum)
@@ -350,11 +410,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
             if n == 1 and self.approach.needs_batch_variance:
                 works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
-                raise ValueError(
-                    f"`eqx_norm.BatchNorm(approach={type(self.approach).__name__}())`"
-                    " got one value per channel in a training batch (batch size 1 "
-                    "and no spatial axes), so there is no batch variance. Use "
-                    f"`approach=` one of {works}, or a larger batch."
+                raise OneValuePerChannelError(
+                    f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value "
+                    "per channel in a training batch (batch size 1 and no spatial "
+                    f"axes), so there is no batch variance. Use `approach=` one of "
+                    f"{works}, or a larger batch."
                 )
             # Shift by the current inference mean so that large offsets do not
             # cancel in E[x^2] - E[x]^2; the shift is a constant for the gradient.
@@ -376,8 +436,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mean, var, new_running = self.approach.train(
                 batch, running, self.momentum, self.eps
             )
-            # NaN or inf in either statistic survives the sum: one reduction.
-            keep = jnp.all(jnp.isfinite(batch.mean + batch.var))
+            # The new running statistics are checked as well as the batch's (an
+            # approach, built-in or a user's, may overflow where the batch did not),
+            # and a negative variance is refused, so that the stored statistics
+            # always give a finite inference. XLA fuses it all into one reduction.
+            stats = (batch.mean, batch.var, new_running.mean, new_running.var)
+            keep = jnp.all(
+                functools.reduce(jnp.logical_and, map(jnp.isfinite, stats))
+                & (new_running.var >= 0)
+            )
             new_running = jax.tree.map(
                 lambda new, old: jnp.where(keep, new, old), new_running, running
             )
@@ -390,7 +457,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             offset = offset * self.weight.astype(dtype) + self.bias.astype(dtype)
         # (x - shift) * scale + offset, as one multiply-add on x.
         offset = offset - shift * scale
-        if inference or not jnp.issubdtype(x.dtype, jnp.floating):
+        if inference:
             # Plain JAX, so that forward-mode autodiff (jax.jvp) works in inference.
             return _affine_formula(x, scale, offset), state
         return _affine(x, scale, offset), state

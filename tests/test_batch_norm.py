@@ -293,25 +293,44 @@ def test_batch_size_one_works_where_it_can(approach, getkey):
     assert all(np.all(np.isfinite(a)) for a in bn.statistics(state))
 
 
-def test_errors_name_the_argument(getkey):
-    with pytest.raises(ValueError, match=r"Unknown `approach='bach'`.*'batch'"):
-        eqx_norm.BatchNorm(3, "batch", approach="bach")
-    with pytest.raises(TypeError, match="approach"):
-        eqx_norm.BatchNorm(3, "batch", approach=3)  # pyright: ignore
-    for momentum in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\)"):
-            eqx_norm.BatchNorm(3, "batch", momentum=momentum)
-    with pytest.raises(ValueError, match="`eps` must be at least 0"):
-        eqx_norm.BatchNorm(3, "batch", eps=-1e-5)
-    with pytest.raises(ValueError, match="`input_size` must be a positive int"):
-        eqx_norm.BatchNorm(0, "batch")
-    with pytest.raises(ValueError, match="`max_count` must be a positive"):
-        eqx_norm.Running(max_count=0)
-    with pytest.raises(ValueError, match="`r_max` must be at least 1"):
-        eqx_norm.Renorm(r_max=0.5)
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"approach": "bach"}, ValueError, r"Unknown `approach='bach'`.*'batch'"),
+        ({"approach": 3}, TypeError, "approach"),
+        ({"momentum": -0.1}, ValueError, r"`momentum` must be in \[0, 1\)"),
+        ({"momentum": 1.0}, ValueError, r"`momentum` must be in \[0, 1\)"),
+        ({"momentum": 1.5}, ValueError, r"`momentum` must be in \[0, 1\)"),
+        ({"eps": -1e-5}, ValueError, "`eps` must be finite and at least 0"),
+        ({"input_size": 0}, ValueError, "`input_size` must be a positive int"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, error, message):
+    kwargs = {"input_size": 3, "axis_name": "batch", **kwargs}
+    with pytest.raises(error, match=message):
+        eqx_norm.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make_approach, message",
+    [
+        (lambda: eqx_norm.Running(max_count=0), "`max_count` must be a whole number"),
+        (lambda: eqx_norm.Renorm(r_max=0.5), "`r_max` must be at least 1"),
+    ],
+)
+def test_approach_errors_name_the_argument(make_approach, message):
+    with pytest.raises(ValueError, match=message):
+        make_approach()
+
+
+def test_wrong_channel_count_names_the_shape():
     bn, state = make(3)
     with pytest.raises(ValueError, match=r"input_size=3.*shape \(4, 2\)"):
         apply(bn, jnp.ones((5, 4, 2)), state)
+
+
+def test_missing_axis_name_says_how_to_vmap():
+    bn, state = make(3)
     with pytest.raises(NameError, match=r"no mapped axis named 'batch'.*jax.vmap"):
         apply(bn, jnp.ones((5, 3, 2)), state, axis_name="other")
 
