@@ -3,6 +3,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
@@ -21,8 +22,26 @@ class SAMState(NamedTuple):
     base_state: optax.OptState
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def check_non_negative(name: str, value: Any, example: str) -> None:
+    """A `ValueError` if `value` is a concrete real scalar (Python, NumPy or a JAX
+    array that is not traced) that is NaN, infinite or negative. Schedules
+    (callables) and traced values are checked by no one, as in Optax."""
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return
+    try:
+        number = np.asarray(value)
+    except Exception:  # not array-like: let the caller's own use of it fail
+        return
+    if number.ndim != 0 or not np.issubdtype(number.dtype, np.number):
+        raise ValueError(
+            f"`{name}` must be a real scalar or a schedule, got {value!r}; "
+            f"e.g. `{name}={example}`."
+        )
+    if np.iscomplexobj(number) or not (np.isfinite(number) and number >= 0):
+        raise ValueError(
+            f"`{name}` must be finite and at least 0, got {value!r}; "
+            f"e.g. `{name}={example}`."
+        )
 
 
 def sam(
@@ -111,8 +130,9 @@ def sam(
 
     **Raises:**
 
-    A `ValueError` for a negative `rho` or `eta`, or a `base_optimizer` that is not
-    an Optax gradient transformation; when updating, a `ValueError` if `grad_fn` or
+    A `ValueError` for a `rho` or `eta` that is NaN, infinite or negative (of any
+    concrete real type: Python, NumPy or JAX), or a `base_optimizer` that is not an
+    Optax gradient transformation; when updating, a `ValueError` if `grad_fn` or
     `params` is missing.
     """
     if not isinstance(base_optimizer, optax.GradientTransformation):
@@ -120,10 +140,8 @@ def sam(
             "`base_optimizer` must be an Optax gradient transformation, e.g. "
             f"`eqx_norm.sam(optax.sgd(0.1), rho=0.05)`; got {type(base_optimizer)}."
         )
-    if _is_number(rho) and rho < 0:  # pyright: ignore[reportOperatorIssue]
-        raise ValueError(f"`rho` must be at least 0, got {rho}; e.g. `rho=0.05`.")
-    if _is_number(eta) and eta < 0:
-        raise ValueError(f"`eta` must be at least 0, got {eta}; e.g. `eta=0.01`.")
+    check_non_negative("rho", rho, "0.05")
+    check_non_negative("eta", eta, "0.01")
     base = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params: optax.Params) -> SAMState:

@@ -3,38 +3,75 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
-from ._sam import SAMState
+from ._state import copy_state
 
 
-def _uses_sam(opt_state) -> bool:
-    is_sam = lambda x: isinstance(x, SAMState)  # noqa: E731
-    return any(is_sam(x) for x in jax.tree.leaves(opt_state, is_leaf=is_sam))
+def _describe(x: Any) -> str:
+    """A short picture of a pytree for an error message: arrays as dtype[shape]."""
+    if isinstance(x, eqx.nn.State):
+        return "State"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_describe(a) for a in x) + ")"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{x.dtype}{list(x.shape)}"
+    return type(x).__name__
 
 
-def _fresh(state: eqx.nn.State) -> eqx.nn.State:
-    # An `eqx.nn.State` may be used only once; each pass gets its own copy (the
-    # arrays are shared, nothing is copied at run time).
-    return jax.tree.map(lambda x: x, state)
+def _check_output(out: Any, has_aux: bool) -> None:
+    """A `TypeError` naming `loss_fn` if its output is not `(loss, state)` (or
+    `(loss, (state, aux))` with `has_aux=True`), with a scalar floating loss."""
+    expected = "(loss, (state, aux))" if has_aux else "(loss, state)"
+    hint = ""
+    if isinstance(out, tuple) and len(out) == 2:
+        loss, rest = out
+        loss_ok = (
+            hasattr(loss, "dtype")
+            and jnp.ndim(loss) == 0
+            and jnp.issubdtype(loss.dtype, jnp.floating)
+        )
+        pair = isinstance(rest, tuple) and len(rest) == 2
+        if has_aux:
+            rest_ok = pair and isinstance(rest[0], eqx.nn.State)
+        else:
+            rest_ok = isinstance(rest, eqx.nn.State)
+        if loss_ok and rest_ok:
+            return
+        if not has_aux and pair and isinstance(rest[0], eqx.nn.State):
+            hint = " It returned an aux too: pass `has_aux=True`."
+        elif has_aux and isinstance(rest, eqx.nn.State):
+            hint = " It returned no aux: leave `has_aux=False`."
+        elif pair and isinstance(rest[1], eqx.nn.State):
+            hint = " The state comes first: `(loss, (state, aux))`."
+        elif not loss_ok:
+            hint = " The loss must be a scalar of a floating dtype (e.g. a `.mean()`)."
+    raise TypeError(
+        f"`loss_fn` must return {expected}, with a scalar loss and the new "
+        f"`eqx.nn.State`; it returned {_describe(out)}.{hint}"
+    )
 
 
 def sam_step(
     loss_fn: Callable[..., tuple[Any, Any]],
     optimizer: optax.GradientTransformation,
     *,
+    has_aux: bool = False,
     axis_name: Hashable | Sequence[Hashable] | None = None,
     per_device_perturbation: bool = False,
 ) -> Callable[..., tuple[Any, ...]]:
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
-    With an [`eqx_norm.sam`][] optimizer (anywhere inside `optax.chain` or
-    `optax.inject_hyperparams`) the step makes two passes: the first at the current
-    parameters gives the loss, the gradient and the new state; the second, at the
-    perturbed parameters, sees the *same* input state and its state output is
-    dropped. So BatchNorm running statistics are updated once per step, by the
-    unperturbed pass, exactly as a plain step would. With any other Optax optimizer
-    it is the ordinary one-pass step, so one training loop serves both.
+    The first pass, at the current parameters, gives the loss, the gradient and the
+    new state. The optimizer's update is given `grad_fn`, the gradient at other
+    parameters, as an extra argument: an [`eqx_norm.sam`][] optimizer (anywhere
+    inside `optax.chain` or `optax.inject_hyperparams`) calls it at the perturbed
+    parameters, a second pass that sees the *same* input state and whose state
+    output is dropped. So BatchNorm running statistics are updated once per step, by
+    the unperturbed pass, exactly as a plain step would. Any other Optax optimizer
+    ignores `grad_fn`, so the step is the ordinary one-pass step, and one training
+    loop serves both.
 
     ```python
     def loss_fn(model, state, x, y):
@@ -59,10 +96,11 @@ def sam_step(
 
     **Arguments:**
 
-    - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)` or
-        `(loss, (new_state, aux))`, with a scalar loss.
+    - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)`, or
+        `(loss, (new_state, aux))` with `has_aux=True`, with a scalar loss.
     - `optimizer`: an Optax optimizer, initialised on
         `eqx.filter(model, eqx.is_inexact_array)`.
+    - `has_aux`: whether `loss_fn` returns an aux, as in `jax.grad`.
     - `axis_name`: inside `shard_map`, the data-parallel mesh axis (or axes).
     - `per_device_perturbation`: with `axis_name` and SAM, perturb with each
         device's own gradient.
@@ -71,8 +109,14 @@ def sam_step(
 
     `step(model, state, opt_state, *batch)` returning
     `(model, state, opt_state, loss)`, or `(model, state, opt_state, loss, aux)`
-    when `loss_fn` returns an aux. It can be wrapped in `eqx.filter_jit`,
-    `eqx.filter_vmap` (an ensemble of models) or `jax.lax.scan`.
+    with `has_aux=True`. It can be wrapped in `eqx.filter_jit`, `eqx.filter_vmap`
+    (an ensemble of models) or `jax.lax.scan`.
+
+    **Raises:**
+
+    When the step is traced, a `TypeError` naming `loss_fn` if it returns another
+    structure than `has_aux` says, and a `ValueError` if `per_device_perturbation`
+    is given without `axis_name` or with an optimizer that makes no second pass.
     """
 
     if per_device_perturbation and axis_name is None:
@@ -84,34 +128,41 @@ def sam_step(
     def mean(tree):
         return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
+    optimizer = optax.with_extra_args_support(optimizer)
+
     def step(model, state, opt_state, *batch):
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
-        def loss_and_state(params, state):
-            loss, rest = loss_fn(eqx.combine(params, static), state, *batch)
-            return loss, rest
+        def loss_and_rest(params, state):
+            out = loss_fn(eqx.combine(params, static), state, *batch)
+            _check_output(out, has_aux)
+            return out
 
-        grad_and_value = jax.value_and_grad(loss_and_state, has_aux=True)
-        (loss, rest), grads = grad_and_value(params, _fresh(state))
-        if _uses_sam(opt_state):
+        grad_and_value = jax.value_and_grad(loss_and_rest, has_aux=True)
+        (loss, rest), grads = grad_and_value(params, copy_state(state))
+        second_passes = []
 
-            def grad_fn(perturbed):
-                loss_at = lambda p: loss_and_state(p, _fresh(state))[0]  # noqa: E731
-                return mean(jax.grad(loss_at)(perturbed))
+        def grad_fn(perturbed):
+            second_passes.append(perturbed)
+            loss_at = lambda p: loss_and_rest(p, copy_state(state))[0]  # noqa: E731
+            return mean(jax.grad(loss_at)(perturbed))
 
-            updates, opt_state = optimizer.update(
-                grads if per_device_perturbation else mean(grads),
-                opt_state,
-                params,
-                grad_fn=grad_fn,  # pyright: ignore[reportCallIssue]
+        updates, opt_state = optimizer.update(
+            grads if per_device_perturbation else mean(grads),
+            opt_state,
+            params,
+            grad_fn=grad_fn,
+        )
+        if per_device_perturbation and not second_passes:
+            raise ValueError(
+                "`per_device_perturbation=True` needs an optimizer that perturbs, "
+                "such as `eqx_norm.sam(...)`: this one made no second pass, so each "
+                "device would apply its own unaveraged gradient."
             )
-        else:
-            updates, opt_state = optimizer.update(mean(grads), opt_state, params)
-        loss = mean(loss)
         model = eqx.apply_updates(model, updates)
-        if isinstance(rest, eqx.nn.State):
-            return model, rest, opt_state, loss
-        new_state, aux = rest
-        return model, new_state, opt_state, loss, aux
+        if has_aux:
+            new_state, aux = rest
+            return model, new_state, opt_state, mean(loss), aux
+        return model, rest, opt_state, mean(loss)
 
     return step

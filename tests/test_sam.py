@@ -207,9 +207,9 @@ def test_inject_hyperparams_and_chain(getkey):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="`rho` must be at least 0"):
+    with pytest.raises(ValueError, match="`rho` must be finite and at least 0"):
         eqx_norm.sam(optax.sgd(0.1), rho=-0.1)
-    with pytest.raises(ValueError, match="`eta` must be at least 0"):
+    with pytest.raises(ValueError, match="`eta` must be finite and at least 0"):
         eqx_norm.sam(optax.sgd(0.1), adaptive=True, eta=-1.0)
     with pytest.raises((ValueError, TypeError), match="base_optimizer"):
         eqx_norm.sam(lambda x: x)  # pyright: ignore[reportArgumentType]
@@ -322,7 +322,7 @@ def test_sam_step_returns_aux(getkey):
         return jnp.mean((pred - y) ** 2), (state, {"pred_mean": jnp.mean(pred)})
 
     x, y = _data(getkey())
-    out = eqx.filter_jit(eqx_norm.sam_step(loss_with_aux, opt))(
+    out = eqx.filter_jit(eqx_norm.sam_step(loss_with_aux, opt, has_aux=True))(
         model, state, opt_state, x, y
     )
     assert len(out) == 5

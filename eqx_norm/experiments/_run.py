@@ -197,7 +197,7 @@ def _train_one(
     ensemble = eqx.filter_vmap(make)(keys)
     dynamic, static = eqx.partition(ensemble, eqx.is_array)
     step = eqx.filter_vmap(
-        sam_step(_loss_fn, optimizer),
+        sam_step(_loss_fn, optimizer, has_aux=True),
         in_axes=(eqx.if_array(0),) * 3 + (0, 0),
     )
 
