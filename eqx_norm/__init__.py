@@ -22,14 +22,14 @@ from ._diagnose import (
     LayerDiagnosis as LayerDiagnosis,
     diagnose as diagnose,
 )
+from ._from_equinox import from_equinox as from_equinox
+from ._recalibrate import recalibrate as recalibrate
 from ._sam import SAMState as SAMState, sam as sam
 from ._sharding import replicate as replicate, shard_batch as shard_batch
 from ._step import sam_step as sam_step
-from ._tools import (
+from ._walk import (
     batch_norms as batch_norms,
     freeze as freeze,
-    from_equinox as from_equinox,
-    recalibrate as recalibrate,
     set_approach as set_approach,
 )
 

@@ -1,4 +1,6 @@
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -6,7 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._tools import batch_norms
+from ._walk import batch_norms
 
 _FORMAT = "eqx_norm-checkpoint"
 _VERSION = 1
@@ -33,16 +35,76 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     [`eqx_norm.BatchNorm`][] (approach, channels, dtypes), then the leaves as
     `eqx.tree_serialise_leaves` writes them.
 
+    The file is written whole or not at all: it is written to a temporary file
+    beside `path`, flushed to disk, then renamed over `path`. If anything fails (a
+    full disk, a model that cannot be serialised), an existing file at `path` is
+    left as it was and no temporary file remains.
+
     **Arguments:**
 
     - `path`: the file to write.
     - `model`: the model.
     - `state`: its `eqx.nn.State`.
     """
+    path = Path(path)
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
-    with open(path, "wb") as f:
-        f.write(json.dumps(header).encode() + b"\n")
-        eqx.tree_serialise_leaves(f, (model, state))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            eqx.tree_serialise_leaves(f, (model, state))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+_KEYS = {
+    "path": str,
+    "approach": str,
+    "input_size": int,
+    "statistics_dtype": str,
+    "parameter_dtype": (str, type(None)),
+}
+
+
+def _read_header(path: Path, line: bytes) -> list[dict[str, Any]]:
+    """The layers of a checkpoint's header, or a `ValueError` naming the fault."""
+
+    def fault(what: str) -> ValueError:
+        return ValueError(
+            f"{path}: not a checkpoint written by `eqx_norm.save` of this version "
+            f"({what}). For a file of `eqx.tree_serialise_leaves`, use "
+            "`eqx.tree_deserialise_leaves`."
+        )
+
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise fault("the first line is not a JSON header") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise fault(f"the header does not say format {_FORMAT!r}")
+    if header.get("version") != _VERSION:
+        raise fault(
+            f"format version {header.get('version')!r}, but this eqx_norm reads "
+            f"version {_VERSION} (upgrade eqx_norm to read newer checkpoints)"
+        )
+    layers = header.get("layers")
+    if not isinstance(layers, list):
+        raise fault("the header's `layers` is missing or not a list")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise fault(f"layer entry {i} of the header is not an object")
+        for key, kind in _KEYS.items():
+            value = layer.get(key, ...)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise fault(f"layer entry {i} of the header has no valid {key!r}")
+    paths = [layer["path"] for layer in layers]
+    if len(set(paths)) != len(paths):
+        raise fault("the header lists a layer twice")
+    return layers
 
 
 def load(
@@ -66,20 +128,15 @@ def load(
 
     **Raises:**
 
-    A `ValueError` naming the layer and the mismatch if a BatchNorm layer differs in
-    approach, channel count or dtype (or the file is not such a checkpoint).
+    A `ValueError` naming the file and the fault if it is not a checkpoint of this
+    format and version (a malformed or truncated header, or leaves that do not
+    match), or naming the layer and the mismatch if a BatchNorm layer differs in
+    approach, channel count or dtype.
     """
+    path = Path(path)
     with open(path, "rb") as f:
         line = f.readline()
-        try:
-            header = json.loads(line)
-            assert header["format"] == _FORMAT
-        except (ValueError, KeyError, AssertionError, TypeError):
-            raise ValueError(
-                f"{path}: not a checkpoint written by `eqx_norm.save`. For a file of "
-                "`eqx.tree_serialise_leaves`, use `eqx.tree_deserialise_leaves`."
-            ) from None
-        saved = {layer["path"]: layer for layer in header["layers"]}
+        saved = {layer["path"]: layer for layer in _read_header(path, line)}
         expected = {layer["path"]: layer for layer in _describe(model, state)}
         if saved.keys() != expected.keys():
             raise ValueError(

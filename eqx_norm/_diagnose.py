@@ -5,7 +5,8 @@ import equinox as eqx
 import numpy as np
 from jaxtyping import PyTree
 
-from ._tools import _first, _no_batch_norm, _record_batch_statistics, batch_norms
+from ._record import first_input, record_batch_statistics
+from ._walk import batch_norms, no_batch_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +131,12 @@ def diagnose(
     """
     layers = batch_norms(model)
     if not layers:
-        raise _no_batch_norm("diagnose")
-    recorded = _record_batch_statistics(model, state, _first(batch), None)
+        raise no_batch_norm("diagnose")
+    recorded = record_batch_statistics(
+        model, state, first_input(batch), "diagnose", None
+    )
     out = []
-    for (path, bn), (stats, _) in zip(layers, recorded):
+    for (path, bn), stats in zip(layers, recorded):
         running = state.get(bn.state_index)
         run_mean, run_var = (np.asarray(a, np.float64) for a in bn.statistics(state))
         if stats is None:

@@ -56,7 +56,8 @@ def load_dataset(
     **Raises:**
 
     `ValueError` for an unknown name; `FileNotFoundError` with what to do if the
-    files are not there; [`eqx_norm.data.IDXError`][] for invalid files.
+    files are not there; [`eqx_norm.data.IDXError`][] for invalid files, images
+    that are not 8-bit, or labels that are not non-negative integers.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
@@ -80,6 +81,20 @@ def load_dataset(
         raise FileNotFoundError(
             f"{e} To get {name}: {hint}, or pass `folder`."
         ) from None
+    if images.dtype != np.uint8:
+        raise IDXError(
+            f"{folder}: the {split} images are stored as {images.dtype}, but "
+            "`load_dataset` reads 8-bit images (0-255, as MNIST stores them) and "
+            "scales them to [0, 1]. Read other types with `load_idx_dataset` and "
+            "scale them yourself."
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or (
+        labels.size and labels.min() < 0
+    ):
+        raise IDXError(
+            f"{folder}: the {split} labels must be non-negative integers, got "
+            f"{labels.dtype} values from {labels.min()} to {labels.max()}."
+        )
     images = (images.astype(np.float32) / 255.0)[:, None, :, :]
     return images, labels.astype(np.int32)
 

@@ -1,4 +1,6 @@
 import gzip
+import io
+import math
 import zlib
 from pathlib import Path
 
@@ -19,18 +21,21 @@ class IDXError(ValueError):
     """A file is not a valid IDX file, or a data set's files do not match."""
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-        raise IDXError(
-            f"{path}: the gzip stream is corrupt or truncated ({e}). Delete the "
-            "file and download it again."
-        ) from None
+_BLOCK = 1 << 20
+
+
+def _read_at_most(stream: io.BufferedIOBase, size: int) -> bytes:
+    """Up to `size` bytes, read in blocks, so that a header claiming a huge size
+    costs no more memory than the file really holds."""
+    blocks = []
+    left = size
+    while left > 0:
+        block = stream.read(min(left, _BLOCK))
+        if not block:
+            break
+        blocks.append(block)
+        left -= len(block)
+    return b"".join(blocks)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -49,37 +54,54 @@ def read_idx(path: str | Path) -> np.ndarray:
 
     An [`eqx_norm.data.IDXError`][] naming the file for a corrupt gzip stream, a
     wrong magic number, an unknown type code, or a file that is shorter or longer
-    than its header says.
+    than its header says. The size the header claims is checked against the data
+    before anything of that size is allocated.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise IDXError(f"{path}: {len(data)} bytes, too short for an IDX header.")
-    if data[0] != 0 or data[1] != 0:
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw) if compressed else raw
+        try:
+            return _parse(path, stream)
+        except (EOFError, OSError, zlib.error) as e:
+            raise IDXError(
+                f"{path}: the gzip stream is corrupt or truncated ({e}). Delete the "
+                "file and download it again."
+            ) from None
+
+
+def _parse(path: Path, stream: io.BufferedIOBase) -> np.ndarray:
+    head = _read_at_most(stream, 4)
+    if len(head) < 4:
+        raise IDXError(f"{path}: {len(head)} bytes, too short for an IDX header.")
+    if head[0] != 0 or head[1] != 0:
         raise IDXError(
-            f"{path}: wrong magic number 0x{data[:4].hex()}; an IDX file starts with "
+            f"{path}: wrong magic number 0x{head.hex()}; an IDX file starts with "
             "two zero bytes, a type code and the number of dimensions (e.g. "
             "0x00000803 for images). Is this really an IDX file?"
         )
-    code, ndim = data[2], data[3]
+    code, ndim = head[2], head[3]
     if code not in _DTYPES:
         raise IDXError(f"{path}: unknown IDX type code 0x{code:02x}.")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{path}: truncated inside its header ({len(data)} bytes).")
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    dims = _read_at_most(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise IDXError(f"{path}: truncated inside its header ({4 + len(dims)} bytes).")
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
     dtype = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    found = len(data) - header
-    if found != expected:
-        what = "truncated" if found < expected else "has trailing bytes"
+    # Python integers: a product of 32-bit sizes can pass any fixed-width type.
+    expected = math.prod(shape) * dtype.itemsize
+    data = _read_at_most(stream, expected + 1)
+    if len(data) != expected:
+        if len(data) < expected:
+            what, found = "truncated", f"{len(data)} bytes"
+        else:
+            what, found = "has trailing bytes", "more"
         raise IDXError(
             f"{path}: {what}: its header says shape {shape} ({expected} bytes of "
-            f"data), but it holds {found} bytes."
+            f"data), but it holds {found}."
         )
-    array = np.frombuffer(data, dtype, offset=header).reshape(shape)
+    array = np.frombuffer(data, dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
 
 

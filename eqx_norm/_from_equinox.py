@@ -1,0 +1,113 @@
+"""Converting models built with `eqx.nn.BatchNorm`."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from ._approaches import Approach, RunningStats
+from ._batch_norm import BatchNorm
+
+_UNKNOWN_LAYOUT = (
+    "`from_equinox` met an `eqx.nn.BatchNorm` whose state it does not know (an "
+    "Equinox version with another layout); convert with the Equinox version that "
+    "eqx_norm is tested with."
+)
+
+
+def from_equinox(
+    model: PyTree, state: eqx.nn.State, approach: str | Approach | None = None
+) -> tuple[PyTree, eqx.nn.State]:
+    """Replace every `eqx.nn.BatchNorm` in a model with an [`eqx_norm.BatchNorm`][],
+    carrying weights, biases, hyperparameters and running statistics over, so that
+    inference outputs are unchanged.
+
+    With `mode="batch"`, Equinox keeps a hidden EMA whose variance starts at 1 and
+    divides it by $1 - m^t$ for inference; the carried statistics are exactly what it
+    used for inference, start-up bias included, and the counter carries over, so
+    that further training weights that bias away as Equinox would have. With
+    `mode="ema"` the EMA carries over as it is (or mean 0 and variance 1 for a layer
+    that never trained).
+
+    **Arguments:**
+
+    - `model`: any pytree holding `eqx.nn.BatchNorm` layers.
+    - `state`: its `eqx.nn.State`.
+    - `approach`: the approach of the new layers; by default `"batch"` for Equinox's
+        batch mode and `"ema"` for its ema mode, which keeps training as it was.
+
+    **Returns:**
+
+    A 2-tuple `(model, state)`: the converted model and a new state for it (other
+    stateful layers keep their state).
+
+    **Raises:**
+
+    A `ValueError` if the model has no `eqx.nn.BatchNorm`.
+    """
+    converted = 0
+
+    def convert(x):
+        if not isinstance(x, eqx.nn.BatchNorm):
+            return x
+        if x.mode == "batch":
+            if x.batch_counter is None or x.batch_state_index is None:
+                raise ValueError(_UNKNOWN_LAYOUT)
+            counter = state.get(x.batch_counter)
+            hidden_mean, hidden_var = state.get(x.batch_state_index)
+            scale = jnp.where(counter == 0, 1, 1 - x.momentum**counter)
+            stats = RunningStats(hidden_mean / scale, hidden_var / scale, counter)
+        else:
+            if x.ema_first_time_index is None or x.ema_state_index is None:
+                raise ValueError(_UNKNOWN_LAYOUT)
+            first = state.get(x.ema_first_time_index)
+            mean, var = state.get(x.ema_state_index)
+            stats = RunningStats(
+                jnp.where(first, 0, mean),
+                jnp.where(first, 1, var),
+                jnp.where(first, 0, 1).astype(jnp.int32),
+            )
+        dtype = x.weight.dtype if x.weight is not None else stats.mean.dtype
+        new = BatchNorm(
+            x.input_size,
+            x.axis_name,
+            approach=approach if approach is not None else x.mode,
+            momentum=x.momentum,
+            eps=x.eps,
+            channelwise_affine=x.channelwise_affine,
+            inference=x.inference,
+            dtype=dtype,
+        )
+        stats = RunningStats(
+            stats.mean.astype(new.state_index.init.mean.dtype),  # pyright: ignore
+            stats.var.astype(new.state_index.init.var.dtype),  # pyright: ignore
+            jnp.asarray(stats.counter, jnp.int32),
+        )
+        nonlocal converted
+        converted += 1
+        if x.channelwise_affine:
+            new = eqx.tree_at(lambda b: (b.weight, b.bias), new, (x.weight, x.bias))
+        return eqx.tree_at(lambda b: b.state_index, new, eqx.nn.StateIndex(stats))
+
+    def carry(x):
+        # Every state index of the new model holds its initial value: the carried
+        # statistics for a converted layer, the current value for any other.
+        if isinstance(x, eqx.nn.BatchNorm):
+            return convert(x)
+        if isinstance(x, eqx.nn.StateIndex):
+            return eqx.nn.StateIndex(state.get(x))
+        return x
+
+    model = jtu.tree_map(carry, model, is_leaf=_is_stateful)
+    if converted == 0:
+        raise ValueError(
+            "`from_equinox` found no `eqx.nn.BatchNorm` in the model; there is nothing "
+            "to convert."
+        )
+    return eqx.nn.make_with_state(lambda: model)()
+
+
+def _is_stateful(x: Any) -> bool:
+    return isinstance(x, (eqx.nn.BatchNorm, eqx.nn.StateIndex))

@@ -1,0 +1,103 @@
+"""Finding and switching the [`eqx_norm.BatchNorm`][] layers of a model."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from ._approaches import Approach, as_approach
+from ._batch_norm import BatchNorm
+
+
+def is_batch_norm(x: Any) -> bool:
+    return isinstance(x, BatchNorm)
+
+
+def batch_norms(model: PyTree) -> list[tuple[str, BatchNorm]]:
+    """Every [`eqx_norm.BatchNorm`][] in a model, with its path.
+
+    **Arguments:**
+
+    - `model`: any pytree.
+
+    **Returns:**
+
+    A list of `(path, layer)` pairs in pytree order, the path as `jax.tree_util.keystr`
+    writes it (e.g. `".layers[1]"`).
+    """
+    leaves = jtu.tree_leaves_with_path(model, is_leaf=is_batch_norm)
+    return [(jtu.keystr(path), leaf) for path, leaf in leaves if is_batch_norm(leaf)]
+
+
+def no_batch_norm(what: str) -> ValueError:
+    """The error of a whole-model tool given a model without `eqx_norm.BatchNorm`."""
+    return ValueError(
+        f"`{what}` found no `eqx_norm.BatchNorm` in the model. For a model with "
+        "`eqx.nn.BatchNorm` layers, convert it first with "
+        "`model, state = eqx_norm.from_equinox(model, state)`."
+    )
+
+
+def set_approach(
+    model: PyTree,
+    approach: str | Approach,
+    *,
+    where: Callable[[BatchNorm], bool] | None = None,
+) -> PyTree:
+    """Switch the approach of every [`eqx_norm.BatchNorm`][] in a model.
+
+    The state stays valid as it is: every built-in approach keeps the same arrays,
+    meaning the same thing (the statistics inference uses).
+
+    **Arguments:**
+
+    - `model`: any pytree holding `eqx_norm.BatchNorm` layers.
+    - `approach`: a name or an [`eqx_norm.Approach`][] object.
+    - `where`: if given, only layers for which `where(layer)` is true are switched,
+        e.g. `where=lambda bn: bn.input_size == 512`.
+
+    **Returns:**
+
+    The model with the approaches switched.
+
+    **Raises:**
+
+    A `ValueError` if no layer matched (rather than returning the model unchanged).
+    """
+    approach = as_approach(approach)
+    matched = 0
+
+    def swap(x):
+        nonlocal matched
+        if is_batch_norm(x) and (where is None or where(x)):
+            matched += 1
+            return x.with_approach(approach)
+        return x
+
+    model = jtu.tree_map(swap, model, is_leaf=is_batch_norm)
+    if matched == 0:
+        if batch_norms(model):
+            raise ValueError("`set_approach`: `where` matched no BatchNorm layer.")
+        raise no_batch_norm("set_approach")
+    return model
+
+
+def freeze(
+    model: PyTree, *, where: Callable[[BatchNorm], bool] | None = None
+) -> PyTree:
+    """Freeze the statistics of every [`eqx_norm.BatchNorm`][] in a model: training
+    then normalises with the stored statistics, never updates them, and works with
+    any batch size, 1 included. Weights and biases still learn. The same as
+    `set_approach(model, "frozen", where=where)`.
+
+    **Arguments:**
+
+    - `model`: any pytree holding `eqx_norm.BatchNorm` layers.
+    - `where`: as in [`eqx_norm.set_approach`][].
+
+    **Returns:**
+
+    The model with frozen statistics.
+    """
+    return set_approach(model, "frozen", where=where)
