@@ -294,11 +294,14 @@ class Running(Approach):
     needs_batch_variance: ClassVar[bool] = False
 
     def __check_init__(self):
-        if not (
-            isinstance(self.max_count, (int, np.integer))
-            and not isinstance(self.max_count, bool)
-            and 1 <= self.max_count <= _MAX_COUNT
+        if not isinstance(self.max_count, (int, np.integer)) or isinstance(
+            self.max_count, bool
         ):
+            raise TypeError(
+                f"`max_count` must be an int, got {self.max_count!r}; for example "
+                "`Running(max_count=256)`."
+            )
+        if not 1 <= self.max_count <= _MAX_COUNT:
             raise ValueError(
                 f"`max_count` must be a whole number of values from 1 to {_MAX_COUNT} "
                 f"(the int32 counter's range), got {self.max_count!r}; for example "

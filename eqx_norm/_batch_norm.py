@@ -9,6 +9,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
@@ -226,11 +227,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def __init__(
         self,
-        input_size: int,
+        input_size: int | np.integer,
         axis_name: Hashable | Sequence[Hashable],
         approach: str | Approach = "batch",
-        momentum: float = 0.99,
-        eps: float = 1e-5,
+        momentum: ArrayLike = 0.99,
+        eps: ArrayLike = 1e-5,
         channelwise_affine: bool = True,
         inference: bool = False,
         dtype=None,
@@ -259,11 +260,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         A `ValueError` for a non-positive `input_size`, an unknown `approach`,
         `momentum` outside [0, 1) or a negative `eps`.
         """
-        if not (
-            isinstance(input_size, (int, np.integer))
-            and not isinstance(input_size, bool)
-            and input_size > 0
+        if not isinstance(input_size, (int, np.integer)) or isinstance(
+            input_size, bool
         ):
+            raise TypeError(
+                f"`input_size` must be a positive int (the number of channels), got "
+                f"{input_size!r}."
+            )
+        if input_size < 1:
             raise ValueError(
                 f"`input_size` must be a positive int (the number of channels), got "
                 f"{input_size!r}."

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
 
@@ -26,14 +27,14 @@ def check_non_negative(name: str, value: Any, example: str) -> None:
     """A `ValueError` if `value` is a concrete real scalar (Python, NumPy or a JAX
     array that is not traced) that is NaN, infinite or negative. Schedules
     (callables) and traced values are checked by no one, as in Optax."""
-    if callable(value) or isinstance(value, jax.core.Tracer):
+    if callable(value):
         return
     try:
         number = np.asarray(value)
-    except Exception:  # not array-like: let the caller's own use of it fail
+    except jax.errors.TracerArrayConversionError:  # traced: checked by no one
         return
     if number.ndim != 0 or not np.issubdtype(number.dtype, np.number):
-        raise ValueError(
+        raise TypeError(
             f"`{name}` must be a real scalar or a schedule, got {value!r}; "
             f"e.g. `{name}={example}`."
         )
@@ -46,9 +47,9 @@ def check_non_negative(name: str, value: Any, example: str) -> None:
 
 def sam(
     base_optimizer: optax.GradientTransformation,
-    rho: float | optax.ScalarOrSchedule = 0.05,
+    rho: ArrayLike | optax.Schedule = 0.05,
     adaptive: bool | Array = False,
-    eta: float | Array = 0.01,
+    eta: ArrayLike = 0.01,
     mask: PyTree | Callable[[optax.Params], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-aware minimisation (SAM) and its adaptive form (ASAM).

@@ -1,3 +1,5 @@
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -103,3 +105,28 @@ class Net(eqx.Module):
 def mse_loss(model, state, x, y):
     pred, state = apply(model, x, state)
     return jnp.mean((pred - y) ** 2), state
+
+
+class MLP(eqx.Module):
+    layers: eqx.nn.Sequential
+
+    def __init__(self, approach="batch", key=jax.random.key(0)):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layers = eqx.nn.Sequential(
+            [
+                eqx.nn.Linear(4, 6, use_bias=False, key=k1),
+                eqx_norm.BatchNorm(6, "batch", approach=approach, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(6, 5, use_bias=False, key=k2),
+                eqx_norm.BatchNorm(5, "batch", approach=approach, momentum=0.9),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(5, 2, key=k3),
+            ]
+        )
+
+    def __call__(self, x, state):
+        return self.layers(x, state)
+
+
+def bn_at(model, i) -> eqx_norm.BatchNorm:
+    return cast(eqx_norm.BatchNorm, model.layers[i])

@@ -1,5 +1,3 @@
-from typing import cast
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,34 +6,9 @@ import pytest
 
 import eqx_norm
 
-from .helpers import apply
+from .helpers import MLP, apply, bn_at
 
 F64 = np.float64
-
-
-class MLP(eqx.Module):
-    layers: eqx.nn.Sequential
-
-    def __init__(self, approach="batch", key=jax.random.key(0)):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.layers = eqx.nn.Sequential(
-            [
-                eqx.nn.Linear(4, 6, use_bias=False, key=k1),
-                eqx_norm.BatchNorm(6, "batch", approach=approach, momentum=0.9),
-                eqx.nn.Lambda(jax.nn.relu),
-                eqx.nn.Linear(6, 5, use_bias=False, key=k2),
-                eqx_norm.BatchNorm(5, "batch", approach=approach, momentum=0.9),
-                eqx.nn.Lambda(jax.nn.relu),
-                eqx.nn.Linear(5, 2, key=k3),
-            ]
-        )
-
-    def __call__(self, x, state):
-        return self.layers(x, state)
-
-
-def bn_at(model, i) -> eqx_norm.BatchNorm:
-    return cast(eqx_norm.BatchNorm, model.layers[i])
 
 
 def _data(key, n=32, shift=3.0):
