@@ -368,8 +368,8 @@ class Renorm(Approach):
         ```
     """
 
-    r_max: float = eqx.field(static=True, default=3.0)
-    d_max: float = eqx.field(static=True, default=5.0)
+    r_max: float | int = eqx.field(static=True, default=3.0)
+    d_max: float | int = eqx.field(static=True, default=5.0)
 
     def __check_init__(self):
         if not self.r_max >= 1:

@@ -1,8 +1,6 @@
-import dataclasses
 import functools
 import math
 from collections.abc import Hashable, Sequence
-from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -13,8 +11,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
-
-T = TypeVar("T")
+from ._kernels import affine, affine_formula, local_moments
 
 
 def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
@@ -34,20 +31,6 @@ def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
     return size
 
 
-def _pmean(x: T, axis_name: Hashable | Sequence[Hashable]) -> T:
-    try:
-        return lax.pmean(x, axis_name)
-    except (AssertionError, ValueError) as e:
-        # JAX's varying-axes check rejects a collective over a `vmap` axis inside
-        # `shard_map`; without the check the same program is right.
-        raise ValueError(
-            f"`eqx_norm.BatchNorm(axis_name={axis_name!r})` could not reduce over "
-            f"those axes ({type(e).__name__}: {e}). Inside `jax.shard_map`, JAX "
-            "checks varying axes and refuses collectives over the `vmap` axis: call "
-            "`jax.shard_map(..., check_vma=False)`, as `eqx.nn.BatchNorm` needs too."
-        ) from e
-
-
 class OneValuePerChannelError(ValueError):
     """A training batch with one value per channel, in an approach that needs a
     batch variance (raised at trace time)."""
@@ -64,71 +47,6 @@ def _real_scalar(name: str, value) -> float:
             f"`{name}` must be a real number, got {value!r} of type "
             f"{type(value).__name__}."
         ) from None
-
-
-def _expand(v: Array, ndim: int) -> Array:
-    return v.reshape(v.shape + (1,) * (ndim - 1))
-
-
-def _unshared(*arrays: Array) -> tuple[Array, ...]:
-    """`arrays` again, as values that XLA will not merge with one another.
-
-    XLA:CPU fuses the float32 conversion of a narrow (bfloat16, float16) array into a
-    reduction only if no other reduction reads the same conversion; two reductions
-    of one bfloat16 array otherwise get a float32 copy of it written out in full,
-    which costs more than both reductions. Giving each reduction its own value (an
-    optimisation barrier) avoids the copy. Other backends fuse such conversions
-    anyway, and there the barrier would only keep XLA from fusing sibling
-    reductions, so it is CPU-only.
-    """
-    return lax.platform_dependent(
-        *arrays, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a
-    )
-
-
-def _local_moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
-    """This example's per-channel mean of `x`, and mean of `(x - shift)**2`.
-
-    Each of the two reductions reads `x` alone (the shift is taken off the mean
-    after the reduction), so that XLA fuses the conversion, the shift and the square
-    into the reductions instead of writing a shifted or converted copy of `x` out.
-    """
-    spatial = tuple(range(1, x.ndim))
-    x1, x2 = (x, x) if x.dtype == dtype else _unshared(x, x)
-    centred = x2.astype(dtype) - _expand(shift, x.ndim)
-    return jnp.mean(x1.astype(dtype), spatial), jnp.mean(centred * centred, spatial)
-
-
-def _affine_formula(x: Array, scale: Array, offset: Array) -> Array:
-    """`x * scale + offset` per channel, in the dtype of `scale`, returned in x's."""
-    y = x.astype(scale.dtype) * _expand(scale, x.ndim) + _expand(offset, x.ndim)
-    return y.astype(x.dtype)
-
-
-# The same with a hand-written backward pass (below). Its forward pass is plain JAX,
-# so derivatives of the gradient (Hessian-vector products) work; only forward-mode
-# autodiff of the training output itself (`jax.jvp`) does not.
-_affine = jax.custom_vjp(_affine_formula)
-
-
-def _affine_fwd(x, scale, offset):
-    return _affine_formula(x, scale, offset), (x, scale)
-
-
-def _affine_bwd(residuals, dy):
-    # The closed form, written so that each of the two sums is one fused pass over
-    # dy (and x) and dy is converted to the statistics' dtype once per use.
-    x, scale = residuals
-    dtype = scale.dtype
-    spatial = tuple(range(1, x.ndim))
-    dy1, dy2, x2 = (dy, dy, x) if x.dtype == dtype else _unshared(dy, dy, x)
-    d_scale = jnp.sum(dy2.astype(dtype) * x2.astype(dtype), spatial)
-    d_offset = jnp.sum(dy1.astype(dtype), spatial)
-    dx = (dy.astype(dtype) * _expand(scale, x.ndim)).astype(x.dtype)
-    return dx, d_scale, d_offset
-
-
-_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -167,25 +85,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
     The batch mean and second moment are reduced across `axis_name` by two
     independent `psum`s, which XLA combines into one all-reduce. So that large
     offsets do not cancel in $E[x^2] - E[x]^2$, the input is first shifted by the
-    current inference mean (a constant for the gradient):
-    the batch variance then keeps about $7 - 2\log_{10} k$ significant digits in
-    float32, where $k$ is the distance between the batch mean and the running mean
-    in batch standard deviations. Once the running mean has caught up with the data
-    $k$ is small whatever the offset. On the first step the shift is 0 (the initial
-    mean), so data far from zero loses precision in that step's variance: for a mean
-    of 1000 standard deviations and 256 values per channel it was off by 5-12%
-    (median over 20 seeds and three layouts of the 256 values; at most 34%). With
-    `"batch"` (and `"frozen"`) that touches the first step only; approaches that
-    normalise with their running statistics (`"ema"`, `"adam-correction"`,
-    `"smooth-start"`, `"running"`, `"renorm"`) carry it on in them, fading at the
-    rate of the momentum. Centring such data before the first step, or one
-    throw-away step, avoids it. The output itself is one multiply-add on $x$ per
-    channel, so in float32 it also carries the rounding of $|x|$ measured in batch
-    standard deviations: up to about $2 \cdot 10^{-7} |x| / \sigma$ of the output's
-    scale ($2 \cdot 10^{-5}$ for data 100 standard deviations from zero).
+    current inference mean (a constant for the gradient); the precision this gives,
+    and that of the first step (shifted by 0), is set out on the documentation's
+    "Precision" page.
 
-    A batch whose statistics are not finite (NaN or infinity) leaves the running
-    statistics untouched; its output is still what the formula gives.
+    A batch whose statistics are not finite (NaN or infinity), or whose new running
+    statistics would not be finite or would have a negative variance, leaves the
+    running statistics untouched; its output is still what the formula gives. Input
+    must be floating-point: integer input is a `TypeError`.
 
     In training the output has a hand-written backward pass (a `jax.custom_vjp`), so
     forward-mode autodiff of a training call (`jax.jvp`, `jax.jacfwd`) is not
@@ -214,10 +121,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ```
     """
 
-    weight: Float[Array, " input_size"] | None
-    bias: Float[Array, " input_size"] | None
+    weight: Float[Array, " channels"] | None
+    bias: Float[Array, " channels"] | None
     state_index: eqx.nn.StateIndex[RunningStats]
-    approach: Approach = eqx.field(static=True)
+    approach: Approach
     axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
     inference: bool
     input_size: int = eqx.field(static=True)
@@ -318,7 +225,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def statistics(
         self, state: eqx.nn.State
-    ) -> tuple[Float[Array, " input_size"], Float[Array, " input_size"]]:
+    ) -> tuple[Float[Array, " channels"], Float[Array, " channels"]]:
         """The per-channel statistics that inference would use now.
 
         **Arguments:**
@@ -356,11 +263,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         A new `BatchNorm`, sharing weight, bias and state index with this one.
         """
-        new = object.__new__(type(self))
-        for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
-        object.__setattr__(new, "approach", as_approach(approach))
-        return new
+        return eqx.tree_at(
+            lambda bn: bn.approach,
+            self,
+            as_approach(approach),
+            is_leaf=lambda x: isinstance(x, Approach),
+        )
 
     @jax.named_scope("eqx_norm.BatchNorm")
     def __call__(
@@ -389,8 +297,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `NameError` if no enclosing `vmap`/`shard_map` has the `axis_name`.
         """
         del key
-        if inference is None:
-            inference = self.inference
+        self._check_input(x)
+        running = self._running(state)
+        if self.inference if inference is None else inference:
+            mean, var = self.approach.infer(running, self.momentum)
+            # Plain JAX, so that forward-mode autodiff (jax.jvp) works in inference.
+            return self._normalise(x, mean, var, affine_formula), state
+        batch = self._batch_statistics(x, running)
+        mean, var, new_running = self.approach.train(
+            batch, running, self.momentum, self.eps
+        )
+        state = state.set(self.state_index, _guarded(batch, new_running, running))
+        return self._normalise(x, mean, var, affine), state
+
+    def _check_input(self, x: Array) -> None:
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(
                 f"`eqx_norm.BatchNorm` got an input of dtype {x.dtype}; it normalises "
@@ -405,63 +325,51 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"(input_size, *spatial) = ({self.input_size}, ...). Check "
                 "`input_size`, or vmap the layer over the batch axis."
             )
-        running = self._running(state)
-        dtype = running.mean.dtype
-        if inference:
-            mean, var = self.approach.infer(running, self.momentum)
-            shift = mean
-        else:
-            n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
-            if n == 1 and self.approach.needs_batch_variance:
-                works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
-                raise OneValuePerChannelError(
-                    f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value "
-                    "per channel in a training batch (batch size 1 and no spatial "
-                    f"axes), so there is no batch variance. Use `approach=` one of "
-                    f"{works}, or a larger batch."
-                )
-            # Shift by the current inference mean so that large offsets do not
-            # cancel in E[x^2] - E[x]^2; the shift is a constant for the gradient.
-            shift, _ = self.approach.infer(running, self.momentum)
-            shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-            # Mean and second moment in one all-reduce (XLA combines the two
-            # independent psums). Rematerialised: the backward pass recomputes the
-            # shifted input instead of storing it.
-            moments = jax.checkpoint(functools.partial(_local_moments, dtype=dtype))(
-                x, shift
+
+    def _batch_statistics(self, x: Array, running: RunningStats) -> BatchStats:
+        """This batch's per-channel mean and biased variance, over the example's
+        spatial axes and every named axis, in one all-reduce."""
+        n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
+        if n == 1 and self.approach.needs_batch_variance:
+            works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
+            raise OneValuePerChannelError(
+                f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value "
+                "per channel in a training batch (batch size 1 and no spatial "
+                f"axes), so there is no batch variance. Use `approach=` one of "
+                f"{works}, or a larger batch."
             )
-            batch_mean, second = _pmean(moments, self.axis_name)
-            centred_mean = batch_mean - shift
-            batch = BatchStats(
-                mean=batch_mean,
-                var=jnp.maximum(second - centred_mean**2, 0),
-                n=n,
-            )
-            mean, var, new_running = self.approach.train(
-                batch, running, self.momentum, self.eps
-            )
-            # The new running statistics are checked as well as the batch's (an
-            # approach, built-in or a user's, may overflow where the batch did not),
-            # and a negative variance is refused, so that the stored statistics
-            # always give a finite inference. XLA fuses it all into one reduction.
-            stats = (batch.mean, batch.var, new_running.mean, new_running.var)
-            keep = jnp.all(
-                functools.reduce(jnp.logical_and, map(jnp.isfinite, stats))
-                & (new_running.var >= 0)
-            )
-            new_running = jax.tree.map(
-                lambda new, old: jnp.where(keep, new, old), new_running, running
-            )
-            state = state.set(self.state_index, new_running)
-        scale = lax.rsqrt(var.astype(dtype) + self.eps)
-        offset = -(mean.astype(dtype) - shift) * scale
-        if self.channelwise_affine:
-            assert self.weight is not None and self.bias is not None
+        # The second moment is taken about the current inference mean, a constant
+        # for the gradient, so that large offsets do not cancel in E[x^2] - E[x]^2.
+        shift, _ = self.approach.infer(running, self.momentum)
+        shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
+        # XLA combines the two independent psums into one all-reduce.
+        mean, second = lax.pmean(
+            local_moments(x, shift, running.mean.dtype), self.axis_name
+        )
+        return BatchStats(
+            mean=mean, var=jnp.maximum(second - (mean - shift) ** 2, 0), n=n
+        )
+
+    def _normalise(self, x: Array, mean: Array, var: Array, apply) -> Array:
+        """`(x - mean) / sqrt(var + eps) * weight + bias`, as one multiply-add on
+        `x` per channel."""
+        dtype = mean.dtype
+        scale = lax.rsqrt(var + self.eps)
+        if self.weight is not None and self.bias is not None:
             scale = scale * self.weight.astype(dtype)
-            offset = offset * self.weight.astype(dtype) + self.bias.astype(dtype)
-        # (x - shift) * scale + offset, as one multiply-add on x.
-        offset = offset - shift * scale
-        if inference:
-            # Plain JAX, so that forward-mode autodiff (jax.jvp) works in inference.
-            return _affine_formula(x, scale, offset), state
-        return _affine(x, scale, offset), state
+            offset = self.bias.astype(dtype) - mean * scale
+        else:
+            offset = -mean * scale
+        return apply(x, scale, offset)
+
+
+def _guarded(batch: BatchStats, new: RunningStats, old: RunningStats) -> RunningStats:
+    """`new`, unless this batch's or the new statistics are not finite, or the new
+    variance is negative: then `old`, so one bad batch (or an approach, built-in or
+    a user's, that overflows) cannot poison inference. XLA fuses the check into one
+    reduction."""
+    stats = (batch.mean, batch.var, new.mean, new.var)
+    keep = jnp.all(
+        functools.reduce(jnp.logical_and, map(jnp.isfinite, stats)) & (new.var >= 0)
+    )
+    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)

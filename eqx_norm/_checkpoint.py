@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import tempfile
@@ -11,7 +12,25 @@ from jaxtyping import PyTree
 from ._walk import batch_norms
 
 _FORMAT = "eqx_norm-checkpoint"
-_VERSION = 1
+_VERSION = 2
+_READS = (1, 2)  # version 1 described approaches by their repr
+
+
+def _approach_key(approach) -> str:
+    """A description of an approach that is equal for equal approaches: its class
+    and every hyperparameter, defaults included, numbers as floats (`Renorm()` and
+    `Renorm(r_max=3)` are equal; their reprs are not)."""
+
+    def value(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return repr(float(v))
+        return repr(v)
+
+    fields = ", ".join(
+        f"{f.name}={value(getattr(approach, f.name))}"
+        for f in dataclasses.fields(approach)
+    )
+    return f"{type(approach).__name__}({fields})"
 
 
 def _describe(model: PyTree, state: eqx.nn.State) -> list[dict[str, Any]]:
@@ -21,7 +40,8 @@ def _describe(model: PyTree, state: eqx.nn.State) -> list[dict[str, Any]]:
         out.append(
             {
                 "path": path,
-                "approach": repr(bn.approach),
+                "approach": _approach_key(bn.approach),
+                "approach_repr": repr(bn.approach),
                 "input_size": bn.input_size,
                 "statistics_dtype": str(jnp.dtype(mean.dtype)),
                 "parameter_dtype": None if bn.weight is None else str(bn.weight.dtype),
@@ -70,7 +90,7 @@ _KEYS = {
 }
 
 
-def _read_header(path: Path, line: bytes) -> list[dict[str, Any]]:
+def _read_header(path: Path, line: bytes) -> tuple[list[dict[str, Any]], int]:
     """The layers of a checkpoint's header, or a `ValueError` naming the fault."""
 
     def fault(what: str) -> ValueError:
@@ -86,10 +106,12 @@ def _read_header(path: Path, line: bytes) -> list[dict[str, Any]]:
         raise fault("the first line is not a JSON header") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise fault(f"the header does not say format {_FORMAT!r}")
-    if header.get("version") != _VERSION:
+    version = header.get("version")
+    if version not in _READS or isinstance(version, bool):
         raise fault(
-            f"format version {header.get('version')!r}, but this eqx_norm reads "
-            f"version {_VERSION} (upgrade eqx_norm to read newer checkpoints)"
+            f"format version {version!r}, but this eqx_norm reads versions "
+            f"{', '.join(map(str, _READS))} (upgrade eqx_norm to read newer "
+            "checkpoints)"
         )
     layers = header.get("layers")
     if not isinstance(layers, list):
@@ -104,7 +126,7 @@ def _read_header(path: Path, line: bytes) -> list[dict[str, Any]]:
     paths = [layer["path"] for layer in layers]
     if len(set(paths)) != len(paths):
         raise fault("the header lists a layer twice")
-    return layers
+    return layers, version
 
 
 def load(
@@ -136,8 +158,12 @@ def load(
     path = Path(path)
     with open(path, "rb") as f:
         line = f.readline()
-        saved = {layer["path"]: layer for layer in _read_header(path, line)}
+        layers, version = _read_header(path, line)
+        saved = {layer["path"]: layer for layer in layers}
         expected = {layer["path"]: layer for layer in _describe(model, state)}
+        if version == 1:
+            for layer in expected.values():
+                layer["approach"] = layer["approach_repr"]
         if saved.keys() != expected.keys():
             raise ValueError(
                 f"{path}: the saved model has BatchNorm layers at {sorted(saved)}, "
@@ -158,9 +184,15 @@ def load(
                         if key == "approach"
                         else " Build the model with the saved settings."
                     )
+                    if key == "approach":
+                        # As the user wrote them, where the file has them.
+                        got_text = got.get("approach_repr", got[key])
+                        want_text = want["approach_repr"]
+                    else:
+                        got_text, want_text = got[key], want[key]
                     raise ValueError(
                         f"{path}: the BatchNorm layer at {name!r} was saved with "
-                        f"{key}={got[key]!r}, but this model has {key}={want[key]!r}."
+                        f"{key}={got_text!r}, but this model has {key}={want_text!r}."
                         + hint
                     )
         try:

@@ -17,7 +17,7 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
 def _plain_affine(x, scale, offset):
-    """The formula of `_affine`, written out again and left to JAX's autodiff."""
+    """The formula of `affine`, written out again and left to JAX's autodiff."""
     shape = scale.shape + (1,) * (x.ndim - 1)
     y = x.astype(scale.dtype) * scale.reshape(shape) + offset.reshape(shape)
     return y.astype(x.dtype)
@@ -48,7 +48,7 @@ def test_backward_matches_autodiff(approach, shape, dtype, getkey, monkeypatch):
         g = jax.random.normal(getkey(), shape)
         ours = _grads(bn, x, g, state)
         with monkeypatch.context() as m:
-            m.setattr(batch_norm_module, "_affine", _plain_affine)
+            m.setattr(batch_norm_module, "affine", _plain_affine)
             reference = _grads(bn, x, g, state)
         eps = float(jnp.finfo(dtype).eps)
         for name, a, b in zip(("weight", "bias", "input"), ours, reference):
@@ -78,7 +78,7 @@ def test_hessian_vector_product_matches_autodiff(getkey, monkeypatch):
 
     ours = hvp()
     with monkeypatch.context() as m:
-        m.setattr(batch_norm_module, "_affine", _plain_affine)
+        m.setattr(batch_norm_module, "affine", _plain_affine)
         reference = hvp()
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 

@@ -291,7 +291,7 @@ def _header_variants():
     }
 
     def header(**changes):
-        h = {"format": "eqx_norm-checkpoint", "version": 1, "layers": [good]}
+        h = {"format": "eqx_norm-checkpoint", "version": 2, "layers": [good]}
         h.update(changes)
         return json.dumps(h).encode()
 
@@ -704,3 +704,24 @@ def test_experiment_config_refuses_bad_settings(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         experiments.Config(**kwargs)
+
+
+def test_checkpoint_compares_approaches_by_value(tmp_path):
+    """`Renorm()` equals `Renorm(r_max=3)` but their reprs differ: a checkpoint
+    compared by repr refused to load into an equal model. A version-1 file (which
+    stored reprs) still loads."""
+    model, state = _trained_mlp(eqx_norm.Renorm())
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    same = eqx.nn.make_with_state(MLP)(eqx_norm.Renorm(r_max=3))
+    _assert_same(eqx_norm.load(path, *same), _leaves((model, state)))
+    with pytest.raises(ValueError, match=r"approach='Renorm\(\)'.*'Renorm\(r_max=4"):
+        eqx_norm.load(path, *eqx.nn.make_with_state(MLP)(eqx_norm.Renorm(r_max=4)))
+    header, rest = path.read_bytes().split(b"\n", 1)
+    old = json.loads(header)
+    old["version"] = 1
+    for layer in old["layers"]:
+        layer["approach"] = layer.pop("approach_repr")
+    path.write_bytes(json.dumps(old).encode() + b"\n" + rest)
+    like = eqx.nn.make_with_state(MLP)(eqx_norm.Renorm())
+    _assert_same(eqx_norm.load(path, *like), _leaves((model, state)))
