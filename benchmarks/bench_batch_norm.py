@@ -142,7 +142,7 @@ def bench_approaches(shape, rounds, upstream=False):
     x = jax.random.normal(jax.random.key(0), shape)
     g = jax.random.normal(jax.random.key(1), shape) if upstream else None
     candidates = {}
-    for approach in eqx_norm._approaches.APPROACHES:
+    for approach in eqx_norm.APPROACHES:
         fn, args = eqx_norm_step(x, approach, g)
         fn(*args)
         candidates[approach] = lambda fn=fn, args=args: fn(*args)

@@ -17,12 +17,7 @@ from _timing import compile_seconds, interleaved, median, ratio, table
 import eqx_norm
 from eqx_norm import data, experiments
 
-
-def loss_fn(model, state, x, y):
-    log_probs, state, _ = jax.vmap(
-        model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch"
-    )(x, state)
-    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1)), state
+loss_fn = experiments.loss_fn
 
 
 def _step(model, state, optimizer, x, y):

@@ -13,4 +13,4 @@ def on_pre_build(config, **kwargs):
     from eqx_norm import experiments
 
     results = experiments.run(experiments.Config(), progress=False)
-    experiments.save(results, out)
+    experiments.save_results(results, out)

@@ -4,6 +4,7 @@ Equinox."""
 import importlib.metadata
 
 from ._approaches import (
+    APPROACHES as APPROACHES,
     EMA as EMA,
     AdamCorrection as AdamCorrection,
     Approach as Approach,
@@ -36,6 +37,7 @@ from ._walk import (
 __version__ = importlib.metadata.version("eqx_norm")
 
 __all__ = [
+    "APPROACHES",
     "AdamCorrection",
     "Approach",
     "Batch",

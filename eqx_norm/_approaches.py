@@ -6,6 +6,8 @@ mean and variance that inference uses, and a count. Because the stored statistic
 """
 
 import abc
+import types
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
@@ -391,15 +393,19 @@ class Renorm(Approach):
         return mean, var, new
 
 
-APPROACHES: dict[str, type[Approach]] = {
-    "batch": Batch,
-    "ema": EMA,
-    "adam-correction": AdamCorrection,
-    "smooth-start": SmoothStart,
-    "frozen": Frozen,
-    "running": Running,
-    "renorm": Renorm,
-}
+APPROACHES: Mapping[str, type[Approach]] = types.MappingProxyType(
+    {
+        "batch": Batch,
+        "ema": EMA,
+        "adam-correction": AdamCorrection,
+        "smooth-start": SmoothStart,
+        "frozen": Frozen,
+        "running": Running,
+        "renorm": Renorm,
+    }
+)
+"""The built-in approaches: each name that `BatchNorm(approach=...)` accepts, and the
+strategy class it stands for (built with its defaults). Read-only."""
 
 
 def as_approach(approach: "str | Approach") -> Approach:

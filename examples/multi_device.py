@@ -24,13 +24,7 @@ from jax.sharding import AxisType
 import eqx_norm
 from eqx_norm import data, experiments
 
-
-def loss_fn(model, state, x, y):
-    log_probs, state, _ = jax.vmap(
-        model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch"
-    )(x, state)
-    loss = -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
-    return loss, state
+loss_fn = experiments.loss_fn
 
 
 def main() -> None:

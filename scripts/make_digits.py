@@ -29,7 +29,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def main(png: str) -> None:
+def main(png: str, out: Path = OUT) -> None:
     data = Path(png).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHA256:
@@ -54,16 +54,16 @@ def main(png: str) -> None:
             ("images-idx3", images[order]),
             ("labels-idx1", labels[order]),
         ):
-            path = OUT / f"{split}-{kind}-ubyte.gz"
+            path = out / f"{split}-{kind}-ubyte.gz"
             with (
                 open(path, "wb") as f,
                 gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz,
             ):
                 gz.write(idx_bytes(array))
-            print(path.relative_to(OUT.parent.parent.parent), path.stat().st_size)
+            print(path, path.stat().st_size)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/make_digits.py path/to/digits.png")
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python scripts/make_digits.py path/to/digits.png [OUT_DIR]")
+    main(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) == 3 else OUT)

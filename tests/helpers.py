@@ -20,6 +20,12 @@ def apply(layer, x, state, *, inference=None, axis_name="batch"):
     )(x, state)
 
 
+def clone(state):
+    """A new `eqx.nn.State` with the same arrays: `State.set` invalidates the object
+    it is called on, so a state used twice must be given to each use as a copy."""
+    return jax.tree.map(lambda a: a, state)
+
+
 def make(input_size=3, **kwargs):
     kwargs.setdefault("axis_name", "batch")
     return eqx.nn.make_with_state(eqx_norm.BatchNorm)(input_size, **kwargs)

@@ -17,13 +17,14 @@ from .helpers import (
     Net,
     apply,
     batches,
+    clone,
     make,
     mse_loss,
     train_step,
     with_affine,
 )
 
-APPROACHES = list(eqx_norm._approaches.APPROACHES)
+APPROACHES = list(eqx_norm.APPROACHES)
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS is set in conftest.py)"
@@ -32,10 +33,6 @@ pytestmark = pytest.mark.skipif(
 
 def mesh(shape=(8,), names=("data",), types=AxisType.Auto):
     return jax.make_mesh(shape, names, axis_types=(types,) * len(shape))
-
-
-def _clone(state):
-    return jax.tree.map(lambda a: a, state)
 
 
 def _shard_map_step(bn, mesh_, names=("data",)):
@@ -136,7 +133,10 @@ def test_one_all_reduce_per_call(approach, getkey):
         assert _all_reduces(jax.jit(body).lower(xs, state2).compile().as_text()) == 1
 
 
-def test_shard_map_with_checked_axes_gives_a_clear_error(getkey):
+def test_shard_map_with_checked_axes_is_refused(getkey):
+    """JAX's varying-axes check refuses a collective over a `vmap` axis inside
+    `shard_map`; its error goes through unchanged (the docs say to pass
+    `check_vma=False`, as `eqx.nn.BatchNorm` needs too)."""
     bn, state = make(3, axis_name=("data", "batch"))
     body = jax.shard_map(
         lambda x, s: apply(bn, x, s),
@@ -144,7 +144,7 @@ def test_shard_map_with_checked_axes_gives_a_clear_error(getkey):
         in_specs=(P("data"), P()),
         out_specs=(P("data"), P()),
     )
-    with pytest.raises(ValueError, match="check_vma=False"):
+    with pytest.raises(ValueError, match="psum"):
         jax.jit(body)(jnp.ones((16, 3)), state)
 
 
@@ -154,7 +154,7 @@ def test_subgroup_statistics(getkey):
     m = mesh((2, 4), ("group", "data"))
     bn, state = make(3, momentum=0.9, axis_name=("data", "batch"))
     ref, ref_state = make(3, momentum=0.9)
-    ref_states = [ref_state, _clone(ref_state)]
+    ref_states = [ref_state, clone(ref_state)]
     spec = P(("group", "data"))
 
     def body(x, stacked):
@@ -281,7 +281,7 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
     ref = eqx.filter(model, eqx.is_inexact_array)
 
     def shard_loss(p, x, y):
-        return loss_fn(eqx.combine(p, static), _clone(state), x, y)[0]
+        return loss_fn(eqx.combine(p, static), clone(state), x, y)[0]
 
     for _ in range(3):
         x, y = _data(getkey())

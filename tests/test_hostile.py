@@ -463,7 +463,7 @@ def test_a_scalar_example_names_the_shape():
         apply(bn, jnp.ones((4,)), state)
 
 
-@pytest.mark.parametrize("approach", list(eqx_norm._approaches.APPROACHES))
+@pytest.mark.parametrize("approach", list(eqx_norm.APPROACHES))
 @pytest.mark.parametrize(
     "poison", [jnp.nan, jnp.inf, -jnp.inf, 3e38], ids=["nan", "inf", "-inf", "3e38"]
 )

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eqx_norm
 
-from .helpers import apply
+from .helpers import apply, clone
 
-APPROACHES = list(eqx_norm._approaches.APPROACHES)
+APPROACHES = list(eqx_norm.APPROACHES)
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 SETTINGS = settings(
     max_examples=20,
@@ -64,10 +64,6 @@ def _setup(case, steps=3):
     return bn, state, xs
 
 
-def _clone(state):
-    return jax.tree.map(lambda a: a, state)
-
-
 def _float32_precision(bn, state, x):
     """The layer's documented float32 precision, relative to the output's std, for
     the worst channel: the batch variance keeps about 7 - 2 log10(k) digits, k the
@@ -101,7 +97,7 @@ def test_finite_input_gives_finite_output_and_state(case):
 def test_jit_equals_eager(case):
     bn, state, xs = _setup(case, steps=2)
     jitted = jax.jit(lambda x, s: apply(bn, x, s))
-    eager_state, jit_state = state, _clone(state)
+    eager_state, jit_state = state, clone(state)
     worst = carried = 1e-5
     for x in xs:
         # Jit and eager may round apart by the documented precision, and half
@@ -153,7 +149,7 @@ def test_non_finite_batch_never_changes_the_state(case, poison):
     bn, state, xs = _setup(case)
     _, state = apply(bn, xs[0], state)
     bad = xs[1].at[(0,) * len(case["shape"])].set(poison)
-    _, after = apply(bn, bad, _clone(state))
+    _, after = apply(bn, bad, clone(state))
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
 

@@ -9,9 +9,9 @@ import pytest
 
 import eqx_norm
 
-from .helpers import Net, apply, mse_loss
+from .helpers import Net, apply, clone, mse_loss
 
-APPROACHES = list(eqx_norm._approaches.APPROACHES)
+APPROACHES = list(eqx_norm.APPROACHES)
 
 
 # A smooth non-quadratic loss whose gradient is known in closed form, so that the
@@ -247,12 +247,10 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
     # The state equals that of one plain step on the same batch, exactly, and that
     # of an (eager) forward pass up to rounding.
     plain_step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, base))
-    _, plain_state, _, _ = plain_step(
-        model, jax.tree.map(lambda a: a, state), base.init(params), x, y
-    )
+    _, plain_state, _, _ = plain_step(model, clone(state), base.init(params), x, y)
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
         np.testing.assert_array_equal(a, b)
-    _, forward_state = loss_fn(model, jax.tree.map(lambda a: a, state), x, y)
+    _, forward_state = loss_fn(model, clone(state), x, y)
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(forward_state)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     assert int(
@@ -262,7 +260,7 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
     # The parameters equal a hand-written two-pass SAM step.
     def loss_at(p):
         m = eqx.combine(p, eqx.filter(model, eqx.is_inexact_array, inverse=True))
-        return loss_fn(m, jax.tree.map(lambda a: a, state), x, y)[0]
+        return loss_fn(m, clone(state), x, y)[0]
 
     g = jax.grad(loss_at)(params)
     norm = optax.tree.norm(g)
@@ -283,25 +281,28 @@ def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
     opt = optax.adam(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     x, y = _data(getkey())
-    step = eqx_norm.sam_step(loss_fn, opt)
-    jaxpr = eqx.filter_make_jaxpr(lambda m, s, o: step(m, s, o, x, y))(
-        model, state, opt_state
-    )
+    passes = []
+
+    def counted(*args):
+        passes.append(1)
+        return loss_fn(*args)
+
+    step = eqx_norm.sam_step(counted, opt)
+    eqx.filter_make_jaxpr(lambda m, s, o: step(m, s, o, x, y))(model, state, opt_state)
+    assert len(passes) == 1
     sam_opt = eqx_norm.sam(opt)
     sam_state = sam_opt.init(eqx.filter(model, eqx.is_inexact_array))
-    sam_jaxpr = eqx.filter_make_jaxpr(
-        lambda m, s, o: eqx_norm.sam_step(loss_fn, sam_opt)(m, s, o, x, y)
+    eqx.filter_make_jaxpr(
+        lambda m, s, o: eqx_norm.sam_step(counted, sam_opt)(m, s, o, x, y)
     )(model, state, sam_state)
-    # Two forward passes under SAM (each with its dot_generals), one without.
-    count = lambda j: str(j).count("dot_general")  # noqa: E731
-    assert count(sam_jaxpr) > count(jaxpr)
+    assert len(passes) == 3  # two more: the first pass and the perturbed one
 
     new_model, _, _, _ = eqx.filter_jit(step)(model, state, opt_state, x, y)
     params = eqx.filter(model, eqx.is_inexact_array)
 
     def loss_at(p):
         m = eqx.combine(p, eqx.filter(model, eqx.is_inexact_array, inverse=True))
-        return loss_fn(m, jax.tree.map(lambda a: a, state), x, y)[0]
+        return loss_fn(m, clone(state), x, y)[0]
 
     updates, _ = opt.update(jax.grad(loss_at)(params), opt_state, params)
     expected = optax.apply_updates(params, updates)
@@ -326,7 +327,7 @@ def test_sam_step_returns_aux(getkey):
         model, state, opt_state, x, y
     )
     assert len(out) == 5
-    pred, _ = apply(model, x, jax.tree.map(lambda a: a, state))
+    pred, _ = apply(model, x, clone(state))
     np.testing.assert_allclose(out[4]["pred_mean"], jnp.mean(pred), rtol=1e-6)
 
 

@@ -7,18 +7,18 @@ from eqx_norm import experiments
 
 results = experiments.run(experiments.Config(steps=100, seeds=3))
 print(experiments.claims_table(results))
-experiments.save(results, "results")
+experiments.save_results(results, "results")
 ```
 
 From the shell: `python -m eqx_norm.experiments --help`.
 """
 
-from ._model import CNN as CNN
+from ._model import CNN as CNN, loss_fn as loss_fn
 from ._report import (
     claims as claims,
     claims_table as claims_table,
     plot as plot,
-    save as save,
+    save_results as save_results,
 )
 from ._run import (
     DEFAULT_APPROACHES as DEFAULT_APPROACHES,
@@ -35,8 +35,9 @@ __all__ = [
     "Results",
     "claims",
     "claims_table",
+    "loss_fn",
     "plot",
     "run",
     "run_label",
-    "save",
+    "save_results",
 ]

@@ -5,7 +5,7 @@ import sys
 
 from .._approaches import APPROACHES
 from ..data import DATASETS
-from ._report import claims_table, save
+from ._report import claims_table, save_results
 from ._run import DEFAULT_APPROACHES, Config, run
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = save(results, args.out)
+    paths = save_results(results, args.out)
     print(claims_table(results))
     print(
         f"\n{results.seconds:.1f} s in all; wrote "

@@ -60,3 +60,28 @@ class CNN(eqx.Module):
         out = h
         h = jax.nn.relu(self.fc2(jax.nn.relu(h)))
         return jax.nn.log_softmax(self.fc3(h)), state, out
+
+
+def batch_forward(
+    model: CNN, state: eqx.nn.State, x: Float[Array, "batch 1 28 28"]
+) -> tuple[Float[Array, "batch 10"], eqx.nn.State, Float[Array, "batch 512"]]:
+    """The CNN over a batch (vmapped over the axis `"batch"` that its BatchNorm
+    reduces over): log probabilities, the new state, and the normalisation layer's
+    output per example."""
+    return jax.vmap(model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch")(
+        x, state
+    )
+
+
+def cross_entropy(log_probs: Float[Array, "batch 10"], labels: Array) -> Array:
+    """The mean cross-entropy of log probabilities against integer labels."""
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+
+def loss_fn(
+    model: CNN, state: eqx.nn.State, x: Float[Array, "batch 1 28 28"], y: Array
+) -> tuple[Array, eqx.nn.State]:
+    """The CNN's training loss on a batch, as [`eqx_norm.sam_step`][] takes it:
+    `(mean cross-entropy, new state)`."""
+    log_probs, state, _ = batch_forward(model, state, x)
+    return cross_entropy(log_probs, y), state

@@ -80,9 +80,8 @@ def claims_table(results: Results, reference: str = "batch") -> str:
             f"over {results.config.seeds} seeds; no spike = early peak at most "
             f"{SPIKE_FACTOR}x {reference}'s."
         )
-        for label in ("ema", "adam-correction", "smooth-start"):
-            if label in rows:
-                r = rows[label]
+        for label, r in rows.items():
+            if label != reference:
                 verdict = "no spike" if r["no_spike"] else "SPIKE"
                 lines.append(
                     f"  {label}: early peak {r['early_peak_vs_reference']:.2f}x "
@@ -162,7 +161,7 @@ def plot(results: Results, path: str | Path) -> Path:
     return path
 
 
-def save(results: Results, out: str | Path) -> dict[str, Path]:
+def save_results(results: Results, out: str | Path) -> dict[str, Path]:
     """Write `instability.png`, `results.json` (every figure, the claims, the
     configuration and versions) and `claims.txt` into the folder `out`.
 

@@ -17,7 +17,7 @@ from .. import data
 from .._approaches import APPROACHES, Approach
 from .._sam import sam
 from .._step import sam_step
-from ._model import CNN
+from ._model import CNN, batch_forward, cross_entropy
 
 DEFAULT_APPROACHES = ("none", "batch", "ema", "adam-correction", "smooth-start")
 
@@ -138,13 +138,16 @@ def _record_grad_norms() -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _grad_norms(opt_state) -> _GradNorms:
+    """The gradient norms that `_record_grad_norms` kept, wherever they are in the
+    chained optimizer state."""
+    is_norms = lambda x: isinstance(x, _GradNorms)  # noqa: E731
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_norms) if is_norms(x))
+
+
 def _loss_fn(model, state, x, y):
-    batch_model = jax.vmap(
-        model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch"
-    )
-    log_probs, state, out = batch_model(x, state)
-    loss = -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
-    return loss, (state, (jnp.mean(out), jnp.std(out)))
+    log_probs, state, out = batch_forward(model, state, x)
+    return cross_entropy(log_probs, y), (state, (jnp.mean(out), jnp.std(out)))
 
 
 def _batch_indices(n: int, seeds: int, steps: int, batch_size: int) -> np.ndarray:
@@ -208,7 +211,7 @@ def _train_one(
             model, state, opt_state, loss, (mean, std) = step(
                 model, state, opt_state, images[idx], labels[idx]
             )
-            norms = opt_state[0]
+            norms = _grad_norms(opt_state)
             dynamic = eqx.filter((model, state, opt_state), eqx.is_array)
             return dynamic, (loss, norms.global_norm, norms.max_leaf, mean, std)
 
@@ -218,9 +221,7 @@ def _train_one(
     def accuracy(dynamic, images, labels):
         def one(model, state):
             model = eqx.nn.inference_mode(model)
-            log_probs, _, _ = jax.vmap(
-                model, in_axes=(0, None), out_axes=(0, None, 0), axis_name="batch"
-            )(images, state)
+            log_probs, _, _ = batch_forward(model, state, images)
             return jnp.sum(jnp.argmax(log_probs, axis=1) == labels)
 
         model, state, _ = eqx.combine(dynamic, static)
