@@ -1,3 +1,6 @@
+import inspect
+import re
+
 import equinox as eqx
 import jax
 import jax.extend
@@ -335,16 +338,14 @@ def test_missing_axis_name_says_how_to_vmap():
 
 
 def test_user_strategy_in_a_dozen_lines(getkey):
-    class HalfAndHalf(eqx_norm.Approach):
-        def train(self, batch, running, momentum, eps):
-            mean = 0.5 * (batch.mean + running.mean)
-            var = 0.5 * (batch.var + running.var)
-            new = eqx_norm.RunningStats(
-                momentum * running.mean + (1 - momentum) * batch.mean,
-                momentum * running.var + (1 - momentum) * batch.var,
-                running.counter + 1,
-            )
-            return mean, var, new
+    """The strategy written in `eqx_norm.Approach`'s docstring, run from there,
+    against the float64 formula it states."""
+    doc = inspect.getdoc(eqx_norm.Approach) or ""
+    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert code is not None
+    namespace = {"eqx_norm": eqx_norm}
+    exec(code.group(1), namespace)
+    HalfAndHalf = namespace["HalfAndHalf"]
 
     bn, state = make(3, approach=HalfAndHalf(), momentum=0.5)
     r_mean, r_var = np.zeros(3), np.ones(3)
