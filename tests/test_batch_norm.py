@@ -56,8 +56,8 @@ def test_matches_float64_reference(approach, shape, getkey):
         if t % 10 == 9:
             y_inf, state_inf = apply(bn, x, state, inference=True)
             _close(y_inf, ref.inference(np.asarray(x, F64), w, b), 1e-5, "inference")
-            for a, b in zip(jax.tree.leaves(state_inf), jax.tree.leaves(state)):
-                np.testing.assert_array_equal(a, b)  # inference changes nothing
+            for new, old in zip(jax.tree.leaves(state_inf), jax.tree.leaves(state)):
+                np.testing.assert_array_equal(new, old)  # inference changes nothing
 
 
 def test_ema_matches_equinox_step_for_step(getkey):
