@@ -116,7 +116,9 @@ def mse_loss(model, state, x, y):
 class MLP(eqx.Module):
     layers: eqx.nn.Sequential
 
-    def __init__(self, approach="batch", key=jax.random.key(0)):
+    def __init__(
+        self, approach: str | eqx_norm.Approach = "batch", key=jax.random.key(0)
+    ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.layers = eqx.nn.Sequential(
             [

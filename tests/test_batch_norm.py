@@ -1,5 +1,6 @@
 import inspect
 import re
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -343,7 +344,7 @@ def test_user_strategy_in_a_dozen_lines(getkey):
     doc = inspect.getdoc(eqx_norm.Approach) or ""
     code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
     assert code is not None
-    namespace = {"eqx_norm": eqx_norm}
+    namespace: dict[str, Any] = {"eqx_norm": eqx_norm}
     exec(code.group(1), namespace)
     HalfAndHalf = namespace["HalfAndHalf"]
 

@@ -35,7 +35,7 @@ def _assert_same(tree, before):
         np.testing.assert_array_equal(a, b)
 
 
-def _trained_mlp(approach="batch", steps=3):
+def _trained_mlp(approach: str | eqx_norm.Approach = "batch", steps=3):
     model, state = eqx.nn.make_with_state(MLP)(approach)
     for k in jax.random.split(jax.random.key(1), steps):
         _, state = apply(model, 3 + 2 * jax.random.normal(k, (16, 4)), state)
