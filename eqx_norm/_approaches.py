@@ -73,6 +73,14 @@ class Approach(eqx.Module):
     ```
 
     Hyperparameters of a strategy should be `eqx.field(static=True)`.
+
+    `momentum` and `eps` belong to the layer, not the strategy, and are passed to
+    every `train`: a model switched to another approach and back (by
+    [`eqx_norm.set_approach`][] or [`eqx_norm.freeze`][]) keeps them. A strategy uses
+    what it needs and ignores the rest. `init` and `infer` have defaults that every
+    built-in strategy shares (the stored statistics are the inference statistics);
+    override them for a strategy whose inference statistics are derived from what it
+    stores.
     """
 
     needs_batch_variance: ClassVar[bool] = True
@@ -132,7 +140,6 @@ class Approach(eqx.Module):
 
         A 2-tuple `(mean, var)`. The default returns the stored mean and variance.
         """
-        del momentum
         return running.mean, running.var
 
 
@@ -192,7 +199,6 @@ class Batch(Approach):
     """
 
     def train(self, batch, running, momentum, eps):
-        del eps
         new = _debiased_ema(running, batch.mean, _unbiased(batch), momentum)
         return batch.mean, batch.var, new
 
@@ -210,7 +216,6 @@ class EMA(Approach):
     """
 
     def train(self, batch, running, momentum, eps):
-        del eps
         first = running.counter == 0
         m = _momentum(momentum, running)
         mean = jnp.where(first, batch.mean, m * running.mean + (1 - m) * batch.mean)
@@ -229,7 +234,6 @@ class AdamCorrection(Approach):
     """
 
     def train(self, batch, running, momentum, eps):
-        del eps
         new = _debiased_ema(running, batch.mean, batch.var, momentum)
         return new.mean, new.var, new
 
@@ -245,7 +249,6 @@ class SmoothStart(Approach):
     """
 
     def train(self, batch, running, momentum, eps):
-        del eps
         new = _debiased_ema(running, batch.mean, batch.var, momentum)
         m = _momentum(momentum, running)
         # h_{t-1} = (1 - m^{t-1}) R_{t-1}, so m h_{t-1} = (m - m^t) R_{t-1}; the
@@ -268,7 +271,6 @@ class Frozen(Approach):
     needs_batch_variance: ClassVar[bool] = False
 
     def train(self, batch, running, momentum, eps):
-        del batch, momentum, eps
         return running.mean, running.var, running
 
 
@@ -311,7 +313,6 @@ class Running(Approach):
             )
 
     def train(self, batch, running, momentum, eps):
-        del momentum, eps
         dtype = running.mean.dtype
         c = running.counter.astype(dtype)
         n = batch.n

@@ -361,6 +361,34 @@ def test_user_strategy_in_a_dozen_lines(getkey):
         np.testing.assert_allclose(bn.statistics(state)[0], r_mean, rtol=1e-5)
 
 
+class _Inflated(eqx_norm.Approach):
+    """Stores plain batch statistics, starts from variance 4, and infers with the
+    stored variance doubled: both hooks overridden."""
+
+    def init(self, input_size, dtype):
+        zeros = jnp.zeros((input_size,), dtype)
+        return eqx_norm.RunningStats(zeros, zeros + 4, jnp.array(0, jnp.int32))
+
+    def train(self, batch, running, momentum, eps):
+        new = eqx_norm.RunningStats(batch.mean, batch.var, running.counter + 1)
+        return batch.mean, batch.var, new
+
+    def infer(self, running, momentum):
+        return running.mean, 2 * running.var
+
+
+def test_user_strategy_init_and_infer_are_used(getkey):
+    bn, state = make(3, approach=_Inflated())
+    np.testing.assert_array_equal(bn.statistics(state)[1], np.full(3, 8.0))
+    x = batches(getkey(), 1, (16, 3, 2))[0]
+    _, state = apply(bn, x, state)
+    y, _ = apply(bn, x, state, inference=True)
+    xs = np.asarray(x, F64)
+    mu, v = xs.mean((0, 2)), xs.var((0, 2))
+    y_ref = (xs - mu[None, :, None]) / np.sqrt(2 * v + 1e-5)[None, :, None]
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_switching_approach_keeps_the_state(getkey):
     bn, state = make(3)
     for x in batches(getkey(), 5, (16, 3, 2)):

@@ -1,7 +1,11 @@
 """Several devices: 8 CPU devices (XLA_FLAGS, set in conftest.py) stand in for 8
 accelerators."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -312,11 +316,6 @@ def test_uneven_batch_is_a_clear_error():
 
 def test_multi_device_example_trains(tmp_path):
     """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run(

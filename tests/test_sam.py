@@ -206,17 +206,38 @@ def test_inject_hyperparams_and_chain(getkey):
         )
 
 
-def test_errors():
-    with pytest.raises(ValueError, match="`rho` must be finite and at least 0"):
-        eqx_norm.sam(optax.sgd(0.1), rho=-0.1)
-    with pytest.raises(ValueError, match="`eta` must be finite and at least 0"):
-        eqx_norm.sam(optax.sgd(0.1), adaptive=True, eta=-1.0)
-    with pytest.raises((ValueError, TypeError), match="base_optimizer"):
-        eqx_norm.sam(lambda x: x)  # pyright: ignore[reportArgumentType]
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: eqx_norm.sam(optax.sgd(0.1), rho=-0.1), ValueError, "`rho` must be"),
+        (
+            lambda: eqx_norm.sam(optax.sgd(0.1), adaptive=True, eta=-1.0),
+            ValueError,
+            "`eta` must be",
+        ),
+        (
+            lambda: eqx_norm.sam(lambda x: x),  # pyright: ignore[reportArgumentType]
+            (ValueError, TypeError),
+            "base_optimizer",
+        ),
+    ],
+    ids=["negative-rho", "negative-eta", "not-an-optimizer"],
+)
+def test_bad_hyperparameters_are_refused(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_update_without_grad_fn_points_to_sam_step():
     opt = eqx_norm.sam(optax.sgd(0.1))
     params = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match=r"needs `grad_fn=`.*sam_step"):
         opt.update(params, opt.init(params), params)
+
+
+def test_update_without_params_is_refused():
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    params = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match="needs `params`"):
         opt.update(params, opt.init(params), grad_fn=lambda p: p)
 

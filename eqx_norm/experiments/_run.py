@@ -185,68 +185,91 @@ def _train_one(
     test: tuple[jax.Array, jax.Array],
     on_steps: Callable[[int], object],
 ) -> dict[str, Any]:
-    seeds = config.seeds
+    """One approach, with or without SAM: `config.seeds` models trained side by side
+    (vmapped), their per-step metrics and their test accuracy."""
     base = optax.adam(config.learning_rate)
     if use_sam:
         base = sam(base, rho=config.rho, adaptive=config.adaptive)
     optimizer = optax.chain(_record_grad_norms(), base)
+    step = eqx.filter_vmap(
+        sam_step(_loss_fn, optimizer, has_aux=True),
+        in_axes=(eqx.if_array(0),) * 3 + (0, 0),
+    )
+    start = time.perf_counter()
+    ensemble = _ensemble(approach, optimizer, config)
+    indices = _batch_indices(
+        len(train[0]), config.seeds, config.steps, config.batch_size
+    )
+    chunk = _chunk_size(config.steps)
+    metrics = []
+    for t in range(0, config.steps, chunk):
+        ensemble, m = _train_chunk(step, ensemble, indices[t : t + chunk], *train)
+        metrics.append(jax.device_get(m))
+        on_steps(chunk)
+    run = {name: np.concatenate([m[name] for m in metrics]).T for name in metrics[0]}
+    run["test_accuracy"] = _test_accuracy(ensemble[:2], *test)
+    run["seconds"] = np.asarray(time.perf_counter() - start)
+    return run
+
+
+def _ensemble(approach: str | Approach, optimizer, config: Config):
+    """`(models, states, optimizer states)`, one per seed, stacked along axis 0."""
 
     def make(key):
         model, state = eqx.nn.make_with_state(CNN)(approach, config.momentum, key=key)
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         return model, state, opt_state
 
-    keys = jnp.stack([jax.random.key(s) for s in range(seeds)])
-    ensemble = eqx.filter_vmap(make)(keys)
+    keys = jnp.stack([jax.random.key(s) for s in range(config.seeds)])
+    return eqx.filter_vmap(make)(keys)
+
+
+@eqx.filter_jit
+def _train_chunk(step, ensemble, indices, images, labels):
+    """`len(indices)` steps of every seed's model (a `lax.scan`), and the metrics of
+    each step."""
     dynamic, static = eqx.partition(ensemble, eqx.is_array)
-    step = eqx.filter_vmap(
-        sam_step(_loss_fn, optimizer, has_aux=True),
-        in_axes=(eqx.if_array(0),) * 3 + (0, 0),
-    )
 
-    @eqx.filter_jit
-    def train_chunk(dynamic, indices, images, labels):
-        def body(dynamic, idx):
-            model, state, opt_state = eqx.combine(dynamic, static)
-            model, state, opt_state, loss, (mean, std) = step(
-                model, state, opt_state, images[idx], labels[idx]
-            )
-            norms = _grad_norms(opt_state)
-            dynamic = eqx.filter((model, state, opt_state), eqx.is_array)
-            return dynamic, (loss, norms.global_norm, norms.max_leaf, mean, std)
-
-        return jax.lax.scan(body, dynamic, indices)
-
-    @eqx.filter_jit
-    def accuracy(dynamic, images, labels):
-        def one(model, state):
-            model = eqx.nn.inference_mode(model)
-            log_probs, _, _ = batch_forward(model, state, images)
-            return jnp.sum(jnp.argmax(log_probs, axis=1) == labels)
-
-        model, state, _ = eqx.combine(dynamic, static)
-        return eqx.filter_vmap(one)(model, state)
-
-    start = time.perf_counter()
-    indices = _batch_indices(len(train[0]), seeds, config.steps, config.batch_size)
-    chunk = _chunk_size(config.steps)
-    metrics = []
-    for t in range(0, config.steps, chunk):
-        dynamic, m = train_chunk(dynamic, jnp.asarray(indices[t : t + chunk]), *train)
-        metrics.append(jax.device_get(m))
-        on_steps(chunk)
-    names = ("loss", "grad_norm", "grad_norm_max_leaf", "norm_mean", "norm_std")
-    run = {
-        name: np.concatenate([m[i] for m in metrics]).T for i, name in enumerate(names)
-    }
-    correct = np.zeros(seeds)
-    for i in range(0, len(test[0]), 1000):
-        correct += np.asarray(
-            accuracy(dynamic, test[0][i : i + 1000], test[1][i : i + 1000])
+    def body(dynamic, idx):
+        model, state, opt_state = eqx.combine(dynamic, static)
+        model, state, opt_state, loss, (mean, std) = step(
+            model, state, opt_state, images[idx], labels[idx]
         )
-    run["test_accuracy"] = correct / len(test[0])
-    run["seconds"] = np.asarray(time.perf_counter() - start)
-    return run
+        norms = _grad_norms(opt_state)
+        dynamic = eqx.filter((model, state, opt_state), eqx.is_array)
+        metrics = {
+            "loss": loss,
+            "grad_norm": norms.global_norm,
+            "grad_norm_max_leaf": norms.max_leaf,
+            "norm_mean": mean,
+            "norm_std": std,
+        }
+        return dynamic, metrics
+
+    dynamic, metrics = jax.lax.scan(body, dynamic, indices)
+    return eqx.combine(dynamic, static), metrics
+
+
+def _test_accuracy(models_and_states, images, labels, chunk: int = 1000):
+    """Each seed's accuracy on the test set, in chunks of `chunk` images."""
+    correct = np.zeros(len(jax.tree.leaves(models_and_states)[0]))
+    for i in range(0, len(images), chunk):
+        correct += np.asarray(
+            _count_correct(
+                models_and_states, images[i : i + chunk], labels[i : i + chunk]
+            )
+        )
+    return correct / len(images)
+
+
+@eqx.filter_jit
+def _count_correct(models_and_states, images, labels):
+    def one(model, state):
+        model = eqx.nn.inference_mode(model)
+        log_probs, _, _ = batch_forward(model, state, images)
+        return jnp.sum(jnp.argmax(log_probs, axis=1) == labels)
+
+    return eqx.filter_vmap(one)(*models_and_states)
 
 
 def approach_name(approach: str | Approach) -> str:
