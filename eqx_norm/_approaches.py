@@ -25,12 +25,14 @@ class BatchStats(NamedTuple):
     - `mean`: the batch mean, shape `(input_size,)`, float32 or wider.
     - `var`: the biased (population) batch variance, same shape and dtype.
     - `n`: the number of values per channel that the statistics were taken over
-        (batch size times the spatial size), a static Python `int`.
+        (batch size times the spatial size): a static Python `int`, or an int32
+        scalar array when a `mask` selects the values (then known only at run
+        time). With ghost batches, the number in one group.
     """
 
     mean: Float[Array, " channels"]
     var: Float[Array, " channels"]
-    n: int
+    n: int | Int[Array, ""]
 
 
 class RunningStats(NamedTuple):
@@ -180,7 +182,10 @@ def _momentum(momentum: float, running: RunningStats) -> Array:
 
 
 def _unbiased(batch: BatchStats) -> Array:
-    return batch.var * (batch.n / (batch.n - 1))
+    if isinstance(batch.n, int):
+        return batch.var * (batch.n / (batch.n - 1))
+    n = batch.n.astype(batch.var.dtype)
+    return batch.var * (n / (n - 1))
 
 
 class Batch(Approach):
@@ -315,7 +320,7 @@ class Running(Approach):
     def train(self, batch, running, momentum, eps):
         dtype = running.mean.dtype
         c = running.counter.astype(dtype)
-        n = batch.n
+        n = jnp.asarray(batch.n, dtype)
         # Weights below one, so that no product can overflow for finite statistics
         # (c * var can, once var is large and c is at its cap).
         old_weight = c / (c + n)
@@ -326,7 +331,8 @@ class Running(Approach):
         var = old_weight * running.var + new_weight * batch.var + spread * spread
         # Saturating, in int32: the counter never passes max_count, so never wraps.
         room = self.max_count - running.counter
-        count = running.counter + jnp.minimum(min(n, self.max_count), room)
+        added = jnp.minimum(jnp.asarray(batch.n, jnp.int32), self.max_count)
+        count = running.counter + jnp.minimum(added, room)
         return mean, var, RunningStats(mean, var, count.astype(jnp.int32))
 
 

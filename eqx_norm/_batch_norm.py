@@ -8,10 +8,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
-from ._kernels import affine, affine_formula, local_moments
+from ._kernels import affine, expand, local_moments, masked_sums
 
 
 def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
@@ -34,6 +34,13 @@ def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
 class OneValuePerChannelError(ValueError):
     """A training batch with one value per channel, in an approach that needs a
     batch variance (raised at trace time)."""
+
+
+def _int(name: str, value, example: str) -> int:
+    """`value` as a Python int, or a `TypeError` naming the argument."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got {value!r}; e.g. {example}.")
+    return int(value)
 
 
 def _real_scalar(name: str, value) -> float:
@@ -131,6 +138,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
+    virtual_batch_size: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -142,6 +151,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         channelwise_affine: bool = True,
         inference: bool = False,
         dtype=None,
+        *,
+        channel_axis: int = 0,
+        virtual_batch_size: int | None = None,
     ):
         """**Arguments:**
 
@@ -161,11 +173,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
             them unchanged. Toggled by `eqx.nn.inference_mode`, or per call.
         - `dtype`: the dtype of the weight and bias, and of the statistics if wider
             than float32. Defaults to float32 (float64 with `jax_enable_x64`).
+        - `channel_axis`: the axis of each example that holds the channels: `0`
+            (the default, Equinox's layout) for `(channels, *spatial)`, `-1` for
+            channels-last such as `(time, channels)`; any axis, negative or not.
+        - `virtual_batch_size`: for ghost batch normalisation, the number of
+            consecutive examples (along the named axes, in their order) normalised
+            together; `None` (the default) normalises the whole batch together.
+            See "Ghost batches" in the guide.
 
         **Raises:**
 
-        A `ValueError` for a non-positive `input_size`, an unknown `approach`,
-        `momentum` outside [0, 1) or a negative `eps`.
+        A `ValueError` for a non-positive `input_size` or `virtual_batch_size`, an
+        unknown `approach`, `momentum` outside [0, 1) or a negative `eps`; a
+        `TypeError` for a `channel_axis` or `virtual_batch_size` that is not an int.
         """
         if not isinstance(input_size, (int, np.integer)) or isinstance(
             input_size, bool
@@ -180,6 +200,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"{input_size!r}."
             )
         input_size = int(input_size)
+        channel_axis = _int("channel_axis", channel_axis, "`channel_axis=-1`")
+        if virtual_batch_size is not None:
+            virtual_batch_size = _int(
+                "virtual_batch_size", virtual_batch_size, "`virtual_batch_size=32`"
+            )
+            if virtual_batch_size < 1:
+                raise ValueError(
+                    "`virtual_batch_size` must be a positive number of examples, or "
+                    f"None; got {virtual_batch_size}."
+                )
         self.approach = as_approach(approach)
         if dtype is None:
             dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -222,6 +252,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.eps = eps
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
+        self.channel_axis = channel_axis
+        self.virtual_batch_size = virtual_batch_size
 
     def statistics(
         self, state: eqx.nn.State
@@ -278,13 +310,24 @@ class BatchNorm(eqx.nn.StatefulLayer):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
+        mask: Bool[ArrayLike, "..."] | None = None,
     ) -> tuple[Array, eqx.nn.State]:
         """**Arguments:**
 
-        - `x`: an array of shape `(input_size, *spatial)`: one example.
+        - `x`: one example, with `input_size` channels on `channel_axis`, e.g. of
+            shape `(input_size, *spatial)` for the default `channel_axis=0`.
         - `state`: the `eqx.nn.State` holding the running statistics.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
         - `inference`: overrides `self.inference` for this call if not `None`.
+        - `mask`: which values of this example enter the batch statistics: a
+            boolean array broadcastable to the example's shape without the channel
+            axis (`()` selects or drops the whole example, `(time,)` steps of a
+            `(time, channels)` example). `n` is then the number of selected values
+            per channel, across every named axis. Every position of the output is
+            normalised, selected or not. A training batch with too few selected
+            values (none; one per channel where the approach needs a batch
+            variance) leaves the state unchanged and is normalised as inference
+            would normalise it. Ignored in inference. `None`: every value.
 
         **Returns:**
 
@@ -292,25 +335,30 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        - `ValueError` if `x` does not have `input_size` channels, or if the batch
-            has a single value per channel and the approach needs a batch variance.
+        - `ValueError` if `x` does not have `input_size` channels on
+            `channel_axis`, if the batch has a single value per channel (or a ghost
+            batch does) and the approach needs a batch variance, or if
+            `virtual_batch_size` does not divide the batch.
+        - `TypeError` for non-floating `x` or a non-boolean `mask`.
         - `NameError` if no enclosing `vmap`/`shard_map` has the `axis_name`.
         """
         del key
-        self._check_input(x)
+        axis = self._check_input(x)
         running = self._running(state)
         if self.inference if inference is None else inference:
             mean, var = self.approach.infer(running, self.momentum)
-            # Plain JAX, so that forward-mode autodiff (jax.jvp) works in inference.
-            return self._normalise(x, mean, var, affine_formula), state
-        batch = self._batch_statistics(x, running)
-        mean, var, new_running = self.approach.train(
-            batch, running, self.momentum, self.eps
-        )
-        state = state.set(self.state_index, _guarded(batch, new_running, running))
-        return self._normalise(x, mean, var, affine), state
+            return self._normalise(x, axis, mean, var), state
+        if mask is not None:
+            mask = self._check_mask(mask, x, axis)
+        if self.virtual_batch_size is None:
+            mean, var, new_running = self._train(x, axis, running, mask)
+        else:
+            mean, var, new_running = self._train_ghost(x, axis, running, mask)
+        state = state.set(self.state_index, new_running)
+        return self._normalise(x, axis, mean, var), state
 
-    def _check_input(self, x: Array) -> None:
+    def _check_input(self, x: Array) -> int:
+        """The channel axis of `x` as a non-negative int, once `x` is checked."""
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(
                 f"`eqx_norm.BatchNorm` got an input of dtype {x.dtype}; it normalises "
@@ -318,39 +366,166 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "normalised values). Cast it first, e.g. `x.astype(jnp.float32)`, or "
                 "`x / 255.0` for uint8 images."
             )
-        if x.ndim == 0 or x.shape[0] != self.input_size:
+        if not -x.ndim <= self.channel_axis < x.ndim:
             raise ValueError(
-                f"`eqx_norm.BatchNorm(input_size={self.input_size})` got an example "
-                f"of shape {tuple(x.shape)}; each example must have shape "
-                f"(input_size, *spatial) = ({self.input_size}, ...). Check "
-                "`input_size`, or vmap the layer over the batch axis."
+                f"`eqx_norm.BatchNorm(input_size={self.input_size}, channel_axis="
+                f"{self.channel_axis})` got an example of shape {tuple(x.shape)}, "
+                "which has no axis "
+                f"{self.channel_axis}. Pass one example (vmap the layer over the "
+                "batch axis), or set `channel_axis` to the axis of the channels."
             )
+        axis = self.channel_axis % x.ndim
+        if x.shape[axis] != self.input_size:
+            raise ValueError(
+                f"`eqx_norm.BatchNorm(input_size={self.input_size}, channel_axis="
+                f"{self.channel_axis})` got an example of shape {tuple(x.shape)}, "
+                f"whose axis {axis} has {x.shape[axis]} values, not {self.input_size}."
+                " Check `input_size` and `channel_axis`, or vmap the layer over the "
+                "batch axis."
+            )
+        return axis
 
-    def _batch_statistics(self, x: Array, running: RunningStats) -> BatchStats:
-        """This batch's per-channel mean and biased variance, over the example's
-        spatial axes and every named axis, in one all-reduce."""
-        n = math.prod(x.shape[1:]) * _axis_size(self.axis_name)
-        if n == 1 and self.approach.needs_batch_variance:
-            works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
-            raise OneValuePerChannelError(
-                f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value "
-                "per channel in a training batch (batch size 1 and no spatial "
-                f"axes), so there is no batch variance. Use `approach=` one of "
-                f"{works}, or a larger batch."
+    def _check_mask(self, mask: ArrayLike, x: Array, axis: int) -> Array:
+        """`mask` broadcast to `x`'s shape with 1 on the channel axis."""
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(
+                f"`mask` must be a boolean array, got dtype {mask.dtype}; e.g. "
+                "`mask=lengths > jnp.arange(time)`, or `mask.astype(bool)`."
             )
+        shape = x.shape[:axis] + x.shape[axis + 1 :]
+        try:
+            mask = jnp.broadcast_to(mask, shape)
+        except ValueError:
+            raise ValueError(
+                f"`mask` of shape {tuple(mask.shape)} does not broadcast to {shape}, "
+                f"the example's shape {tuple(x.shape)} without its channel axis "
+                f"{axis}. Give one boolean per value of a channel, e.g. shape "
+                f"{shape}, or `()` for the whole example."
+            ) from None
+        return jnp.expand_dims(mask, axis)
+
+    def _train(self, x, axis, running, mask):
+        """The normalising statistics of this batch and the new running statistics."""
+        moments, n = self._gather(x, axis, running, mask, groups=None)
+        batch = _batch_stats(moments, n)
+        if mask is None:
+            mean, var, new = self.approach.train(
+                batch, running, self.momentum, self.eps
+            )
+            return mean, var, _guarded(batch, new, running)
+        enough = self._enough(n)
+        batch = batch._replace(n=jnp.where(enough, n, 2))
+        mean, var, new = self.approach.train(batch, running, self.momentum, self.eps)
+        mean, var = self._or_inference(enough, mean, var, running)
+        return mean, var, _where(enough, _guarded(batch, new, running), running)
+
+    def _train_ghost(self, x, axis, running, mask):
+        """As `_train`, for ghost batches: the statistics of this example's group,
+        and the running statistics updated once from the mean over groups."""
+        vbs = self.virtual_batch_size
+        assert vbs is not None
+        size = _axis_size(self.axis_name)
+        if size % vbs:
+            raise ValueError(
+                f"`eqx_norm.BatchNorm(virtual_batch_size={vbs})` got a batch of "
+                f"{size} examples along {self.axis_name!r}, which does not split "
+                "into groups of that size. Use a batch size that is a multiple of "
+                "`virtual_batch_size`, or another `virtual_batch_size`."
+            )
+        moments, n = self._gather(x, axis, running, mask, groups=size // vbs)
+        groups = _batch_stats(moments, n)  # every group's, stacked on axis 0
+        if mask is None:
+            enough = jnp.ones(groups.mean.shape[:1], bool)
+        else:
+            enough = self._enough(n)
+            groups = groups._replace(n=jnp.where(enough, n, 2))
+        # This example's group is normalised with its own statistics...
+        own = _axis_index(self.axis_name) // vbs
+        n_own = groups.n if mask is None else groups.n[own]
+        batch = BatchStats(groups.mean[own], groups.var[own], n_own)
+        mean, var, _ = self.approach.train(batch, running, self.momentum, self.eps)
+        # ... and the running statistics are updated once, from the mean over the
+        # groups that have enough values.
+        trained = jnp.sum(enough)
+        weight = enough.astype(groups.mean.dtype) / jnp.maximum(trained, 1)
+        over_groups = BatchStats(
+            mean=weight @ groups.mean,
+            var=weight @ groups.var,
+            n=groups.n
+            if mask is None
+            else jnp.sum(enough * groups.n) // jnp.maximum(trained, 1),
+        )
+        _, _, new = self.approach.train(over_groups, running, self.momentum, self.eps)
+        new = _guarded(over_groups, new, running)
+        if mask is None:
+            return mean, var, new
+        mean, var = self._or_inference(enough[own], mean, var, running)
+        return mean, var, _where(trained > 0, new, running)
+
+    def _enough(self, n: Array) -> Array:
+        """Whether a masked batch (or group) of `n` values per channel can train."""
+        return n >= (2 if self.approach.needs_batch_variance else 1)
+
+    def _or_inference(self, enough, mean, var, running):
+        """`(mean, var)`, or where `enough` is false the inference statistics."""
+        infer_mean, infer_var = self.approach.infer(running, self.momentum)
+        return jnp.where(enough, mean, infer_mean), jnp.where(enough, var, infer_var)
+
+    def _gather(self, x, axis, running, mask, groups):
+        """The moments of this batch about a shift, reduced across every named axis
+        in one collective: `(mean, second moment about shift, shift)` per channel,
+        and `n`. With `groups`, those of every group, stacked on a leading axis.
+
+        `n` is a static int without a mask, else an array (of groups, if any).
+        """
+        n = math.prod(x.shape) // self.input_size * _axis_size(self.axis_name)
+        if groups is not None:
+            n //= groups
+        if n == 1 and self.approach.needs_batch_variance:
+            self._one_value_per_channel(groups)
+        dtype = running.mean.dtype
         # The second moment is taken about the current inference mean, a constant
         # for the gradient, so that large offsets do not cancel in E[x^2] - E[x]^2.
         shift, _ = self.approach.infer(running, self.momentum)
         shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-        # XLA combines the two independent psums into one all-reduce.
-        mean, second = lax.pmean(
-            local_moments(x, shift, running.mean.dtype), self.axis_name
+        if mask is None and groups is None:
+            # Two independent psums, which XLA combines into one all-reduce.
+            mean, second = lax.pmean(
+                local_moments(x, shift, axis, dtype), self.axis_name
+            )
+            return (mean, second, shift), n
+        if mask is None:
+            mean, second = local_moments(x, shift, axis, dtype)
+            sums = (mean, second, jnp.ones((), dtype))
+        else:
+            sums = masked_sums(x, shift, mask, axis, dtype)
+        if groups is not None:
+            # Each example adds its sums into its group's row: still one psum.
+            own = _axis_index(self.axis_name) // self.virtual_batch_size
+            row = jnp.arange(groups) == own
+            sums = tuple(jnp.where(expand(row, s.ndim + 1, 0), s, 0) for s in sums)
+        first, second, count = lax.psum(sums, self.axis_name)
+        safe = jnp.maximum(count, 1)
+        moments = (_over(first, safe), _over(second, safe), shift)
+        # Without a mask the sums are of per-example means, and `n` is static.
+        return moments, n if mask is None else count.astype(jnp.int32)
+
+    def _one_value_per_channel(self, groups):
+        works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
+        where = (
+            "a training batch (batch size 1 and no spatial axes)"
+            if groups is None
+            else f"each ghost batch (`virtual_batch_size={self.virtual_batch_size}` "
+            "and no spatial axes)"
         )
-        return BatchStats(
-            mean=mean, var=jnp.maximum(second - (mean - shift) ** 2, 0), n=n
+        raise OneValuePerChannelError(
+            f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value per "
+            f"channel in {where}, so there is no batch variance. Use `approach=` one "
+            f"of {works}, or a larger batch."
         )
 
-    def _normalise(self, x: Array, mean: Array, var: Array, apply) -> Array:
+    def _normalise(self, x: Array, axis: int, mean: Array, var: Array) -> Array:
         """`(x - mean) / sqrt(var + eps) * weight + bias`, as one multiply-add on
         `x` per channel."""
         dtype = mean.dtype
@@ -360,7 +535,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
             offset = self.bias.astype(dtype) - mean * scale
         else:
             offset = -mean * scale
-        return apply(x, scale, offset)
+        return affine(x, scale, offset, axis)
+
+
+def _where(keep: Array, new: RunningStats, old: RunningStats) -> RunningStats:
+    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+
+
+def _axis_index(axis_name: Hashable | Sequence[Hashable]) -> Array:
+    """This example's index along the named axes, the last varying fastest."""
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
+    return lax.axis_index(names)
+
+
+def _over(total: Array, count: Array) -> Array:
+    """`total / count`, the count broadcast over the trailing channel axis."""
+    return total / count[..., None] if count.ndim else total / count
+
+
+def _batch_stats(moments, n) -> BatchStats:
+    """The batch mean and biased variance from the mean and the second moment
+    about `shift`."""
+    mean, second, shift = moments
+    return BatchStats(mean=mean, var=jnp.maximum(second - (mean - shift) ** 2, 0), n=n)
 
 
 def _guarded(batch: BatchStats, new: RunningStats, old: RunningStats) -> RunningStats:
@@ -372,4 +569,4 @@ def _guarded(batch: BatchStats, new: RunningStats, old: RunningStats) -> Running
     keep = jnp.all(
         functools.reduce(jnp.logical_and, map(jnp.isfinite, stats)) & (new.var >= 0)
     )
-    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+    return _where(keep, new, old)

@@ -6,10 +6,14 @@ benchmarks in `benchmarks/` (see their README):
 
 - `local_moments`: the per-example sums of the forward pass, each reduction reading
   the input alone, rematerialised in the backward pass instead of stored;
-- `affine`: the output `x * scale + offset` with a hand-written backward pass (the
-  closed form, one fused sum each for the scale and offset gradients);
+- `affine`: the output `x * scale + offset` with a hand-written derivative (a
+  `jax.custom_jvp` linear in the tangents, so that forward mode works and reverse
+  mode is its transpose: one fused sum each for the scale and offset gradients);
 - `_unshared`: the CPU-only barrier that keeps XLA:CPU from writing a float32 copy of
   a half-precision batch that two reductions read.
+
+Every function takes the example's channel axis `axis`; the statistics are per
+channel, over every other axis.
 """
 
 import functools
@@ -17,12 +21,21 @@ import functools
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array
 
 
-def expand(v: Array, ndim: int) -> Array:
-    """A per-channel vector shaped to broadcast against an `ndim`-D example."""
-    return v.reshape(v.shape + (1,) * (ndim - 1))
+def expand(v: Array, ndim: int, axis: int) -> Array:
+    """A per-channel vector shaped to broadcast against an `ndim`-D example whose
+    channels are on `axis`."""
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def others(ndim: int, axis: int) -> tuple[int, ...]:
+    """Every axis of an `ndim`-D example but the channel axis."""
+    return tuple(i for i in range(ndim) if i != axis)
 
 
 def _unshared(*arrays: Array) -> tuple[Array, ...]:
@@ -41,14 +54,19 @@ def _unshared(*arrays: Array) -> tuple[Array, ...]:
     )
 
 
-def _moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
-    spatial = tuple(range(1, x.ndim))
+def _moments(x: Array, shift: Array, weight: Array | None, *, axis: int, dtype):
+    reduce = others(x.ndim, axis)
     x1, x2 = (x, x) if x.dtype == dtype else _unshared(x, x)
-    centred = x2.astype(dtype) - expand(shift, x.ndim)
-    return jnp.mean(x1.astype(dtype), spatial), jnp.mean(centred * centred, spatial)
+    centred = x2.astype(dtype) - expand(shift, x.ndim, axis)
+    if weight is None:
+        return jnp.mean(x1.astype(dtype), reduce), jnp.mean(centred * centred, reduce)
+    w = weight.astype(dtype)
+    first = jnp.sum(jnp.where(weight, x1.astype(dtype), 0), reduce)
+    second = jnp.sum(jnp.where(weight, centred * centred, 0), reduce)
+    return first, second, jnp.sum(w)
 
 
-def local_moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
+def local_moments(x: Array, shift: Array, axis: int, dtype) -> tuple[Array, Array]:
     """This example's per-channel mean of `x`, and mean of `(x - shift)**2`, in
     `dtype`.
 
@@ -57,36 +75,69 @@ def local_moments(x: Array, shift: Array, dtype) -> tuple[Array, Array]:
     into the reductions instead of writing a shifted or converted copy of `x` out;
     the backward pass recomputes the shifted input instead of storing it.
     """
-    return jax.checkpoint(functools.partial(_moments, dtype=dtype))(x, shift)
+    moments = functools.partial(_moments, axis=axis, dtype=dtype)
+    return jax.checkpoint(moments)(x, shift, None)
 
 
-def affine_formula(x: Array, scale: Array, offset: Array) -> Array:
+def masked_sums(
+    x: Array, shift: Array, mask: Array, axis: int, dtype
+) -> tuple[Array, Array, Array]:
+    """Over the values `mask` selects (a boolean array shaped like `x`, of size 1 on
+    the channel axis): the per-channel sum of `x`, the sum of `(x - shift)**2`, and
+    the number of values per channel."""
+    moments = functools.partial(_moments, axis=axis, dtype=dtype)
+    return jax.checkpoint(moments)(x, shift, mask)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def affine(x: Array, scale: Array, offset: Array, axis: int) -> Array:
     """`x * scale + offset` per channel, in the dtype of `scale`, returned in x's."""
-    y = x.astype(scale.dtype) * expand(scale, x.ndim) + expand(offset, x.ndim)
-    return y.astype(x.dtype)
+    y = x.astype(scale.dtype) * expand(scale, x.ndim, axis)
+    return (y + expand(offset, x.ndim, axis)).astype(x.dtype)
 
 
-# The same with a hand-written backward pass. Its forward pass is plain JAX, so
-# derivatives of the gradient (Hessian-vector products) work; forward-mode autodiff
-# of the training output itself (`jax.jvp`) does not.
-affine = jax.custom_vjp(affine_formula)
-
-
-def _affine_fwd(x, scale, offset):
-    return affine_formula(x, scale, offset), (x, scale)
-
-
-def _affine_bwd(residuals, dy):
-    # The closed form, written so that each of the two sums is one fused pass over
-    # dy (and x) and dy is converted to the statistics' dtype once per use.
-    x, scale = residuals
+def _affine_jvp(axis, primals, tangents):
+    # Linear in the tangents, so reverse mode is its transpose: the gradient of the
+    # scale is one fused sum of dy * x, that of the offset one sum of dy, and dx is
+    # dy * scale. Zero tangents (the input of a first layer, a frozen weight) are
+    # left out rather than multiplied through at full size.
+    x, scale, offset = primals
+    dx, d_scale, d_offset = tangents
     dtype = scale.dtype
-    spatial = tuple(range(1, x.ndim))
-    dy1, dy2, x2 = (dy, dy, x) if x.dtype == dtype else _unshared(dy, dy, x)
-    d_scale = jnp.sum(dy2.astype(dtype) * x2.astype(dtype), spatial)
-    d_offset = jnp.sum(dy1.astype(dtype), spatial)
-    dx = (dy.astype(dtype) * expand(scale, x.ndim)).astype(x.dtype)
-    return dx, d_scale, d_offset
+    y = affine(x, scale, offset, axis)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(dx.astype(dtype) * expand(scale, x.ndim, axis))
+    if not isinstance(d_scale, SymbolicZero):
+        (xs,) = (x,) if x.dtype == dtype else _unshared(x)
+        terms.append(xs.astype(dtype) * expand(d_scale, x.ndim, axis))
+    if not isinstance(d_offset, SymbolicZero):
+        d_offset = expand(d_offset, x.ndim, axis)
+        if not terms:
+            terms.append(jnp.broadcast_to(d_offset, x.shape))
+        elif x.dtype == dtype:
+            terms[-1] = terms[-1] + d_offset
+        else:
+            # A term of its own (see `_sum_as`), made to vary over the example so
+            # that under `vmap` its transpose sums over the batch in `dtype`, not
+            # in the input's narrow dtype.
+            terms.append(_varying_ones(x, dtype) * d_offset)
+    if not terms:
+        return y, jnp.zeros_like(y)
+    if len(terms) == 1 or x.dtype == dtype:
+        return y, functools.reduce(jnp.add, terms).astype(x.dtype)
+    # A narrow input: each term is converted on its own, and on CPU kept apart, so
+    # that the transpose converts the cotangent once for each of its sums instead
+    # of writing one float32 copy that they share (see `_unshared`). The forward
+    # tangent then rounds once per term.
+    narrow = _unshared(*(t.astype(x.dtype) for t in terms))
+    return y, functools.reduce(jnp.add, narrow)
 
 
-affine.defvjp(_affine_fwd, _affine_bwd)
+def _varying_ones(x: Array, dtype) -> Array:
+    """Ones shaped like `x`, computed from `x` so that they vary wherever `x` does
+    (batched under `vmap`); XLA folds them away."""
+    return lax.integer_pow(x.astype(dtype), 0)
+
+
+affine.defjvp(_affine_jvp, symbolic_zeros=True)

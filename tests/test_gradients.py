@@ -16,9 +16,10 @@ F64 = np.float64
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
-def _plain_affine(x, scale, offset):
+def _plain_affine(x, scale, offset, axis):
     """The formula of `affine`, written out again and left to JAX's autodiff."""
-    shape = scale.shape + (1,) * (x.ndim - 1)
+    shape = [1] * x.ndim
+    shape[axis] = scale.shape[0]
     y = x.astype(scale.dtype) * scale.reshape(shape) + offset.reshape(shape)
     return y.astype(x.dtype)
 
