@@ -89,8 +89,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     They are kept in float32 (or `dtype`, if wider) whatever the input's dtype; the
     output has the input's dtype.
 
-    The batch mean and second moment are reduced across `axis_name` by two
-    independent `psum`s, which XLA combines into one all-reduce. So that large
+    The batch mean and second moment are reduced across `axis_name` in one
+    all-reduce (with a mask or ghost batches, one `psum` of the sums and counts). So that large
     offsets do not cancel in $E[x^2] - E[x]^2$, the input is first shifted by the
     current inference mean (a constant for the gradient); the precision this gives,
     and that of the first step (shifted by 0), is set out on the documentation's
@@ -101,10 +101,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     running statistics untouched; its output is still what the formula gives. Input
     must be floating-point: integer input is a `TypeError`.
 
-    In training the output has a hand-written backward pass (a `jax.custom_vjp`), so
-    forward-mode autodiff of a training call (`jax.jvp`, `jax.jacfwd`) is not
-    available; reverse mode, and derivatives of gradients such as Hessian-vector
-    products, are. Inference is plain JAX and supports every transformation.
+    Channels may be on any axis of the example (`channel_axis`); a `mask` keeps
+    padding out of the batch statistics; `virtual_batch_size` normalises groups of
+    consecutive examples on their own (ghost batch normalisation). Training and
+    inference support every JAX transformation: reverse and forward mode
+    (`jax.jvp`, `jax.jacfwd`, `jax.hessian`), `jit`, `vmap` and `shard_map`.
 
     !!! warning
 
@@ -448,13 +449,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # ... and the running statistics are updated once, from the mean over the
         # groups that have enough values.
         trained = jnp.sum(enough)
-        weight = enough.astype(groups.mean.dtype) / jnp.maximum(trained, 1)
+        dtype = groups.mean.dtype
+        weight = enough.astype(dtype) / jnp.maximum(trained, 1).astype(dtype)
         over_groups = BatchStats(
             mean=weight @ groups.mean,
             var=weight @ groups.var,
             n=groups.n
             if mask is None
-            else jnp.sum(enough * groups.n) // jnp.maximum(trained, 1),
+            else jnp.sum(jnp.where(enough, groups.n, 0)) // jnp.maximum(trained, 1),
         )
         _, _, new = self.approach.train(over_groups, running, self.momentum, self.eps)
         new = _guarded(over_groups, new, running)
@@ -503,7 +505,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if groups is not None:
             # Each example adds its sums into its group's row: still one psum.
             own = _axis_index(self.axis_name) // self.virtual_batch_size
-            row = jnp.arange(groups) == own
+            row = jnp.arange(groups, dtype=own.dtype) == own
             sums = tuple(jnp.where(expand(row, s.ndim + 1, 0), s, 0) for s in sums)
         first, second, count = lax.psum(sums, self.axis_name)
         safe = jnp.maximum(count, 1)

@@ -7,17 +7,25 @@ import jax.numpy as jnp
 import eqx_norm
 
 
-def apply(layer, x, state, *, inference=None, axis_name="batch"):
-    """Run a per-example layer over the leading batch axis of `x`."""
+def apply(layer, x, state, *, inference=None, axis_name="batch", mask=None):
+    """Run a per-example layer over the leading batch axis of `x` (and of `mask`,
+    which is passed to the layer when given)."""
     kwargs = {} if inference is None else {"inference": inference}
     if inference is not None and not isinstance(layer, eqx_norm.BatchNorm):
         layer, kwargs = eqx.nn.inference_mode(layer, inference), {}
+    if mask is None:
+        return jax.vmap(
+            lambda xi, s: layer(xi, s, **kwargs),
+            in_axes=(0, None),
+            out_axes=(0, None),
+            axis_name=axis_name,
+        )(x, state)
     return jax.vmap(
-        lambda xi, s: layer(xi, s, **kwargs),
-        in_axes=(0, None),
+        lambda xi, mi, s: layer(xi, s, mask=mi, **kwargs),
+        in_axes=(0, 0, None),
         out_axes=(0, None),
         axis_name=axis_name,
-    )(x, state)
+    )(x, mask, state)
 
 
 def clone(state):

@@ -1,6 +1,6 @@
-"""The hand-written backward pass of the training output against JAX's autodiff of
-the same formula, in every input dtype; higher-order and forward-mode derivatives;
-and the compiled program's memory in bfloat16."""
+"""The hand-written derivative of the training output (reverse mode, its transpose)
+against JAX's autodiff of the same formula, in every input dtype; higher-order and
+forward-mode derivatives; and the compiled program's memory in bfloat16."""
 
 import equinox as eqx
 import jax
@@ -85,7 +85,7 @@ def test_hessian_vector_product_matches_autodiff(getkey, monkeypatch):
 
 
 def test_forward_mode_in_inference(getkey):
-    """Inference is plain JAX, so jax.jvp works there: the tangent is x' * scale."""
+    """jax.jvp of an inference call: the tangent is x' * scale."""
     bn, state = make(3, momentum=0.9)
     bn = with_affine(bn, getkey())
     for x in batches(getkey(), 3, (8, 3, 4)):

@@ -1,0 +1,397 @@
+"""The layer's reach: any channel axis, masks for padded input, ghost batches, and
+forward-mode autodiff in training, each against a float64 reference or an
+equivalent computation that does not use the feature."""
+
+import copy
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import eqx_norm
+
+from .helpers import apply, batches, clone, make, with_affine
+from .reference import REFERENCES
+
+F64 = np.float64
+APPROACHES = list(eqx_norm.APPROACHES)
+NEEDS_VARIANCE = {k: v.needs_batch_variance for k, v in eqx_norm.APPROACHES.items()}
+
+
+def _leaves_equal(a, b, **tolerance):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, **tolerance)
+
+
+def _step_fn(bn, x, state, mask=None, g=None):
+    """The output, the input's gradient of sum(g * y), and the new state."""
+    g = jnp.ones_like(x) if g is None else g
+
+    def loss(x):
+        y, new_state = apply(bn, x, state, mask=mask)
+        return jnp.sum(g * y), (y, new_state)
+
+    (_, (y, new_state)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+    return y, dx, new_state
+
+
+_step = eqx.filter_jit(_step_fn)
+
+
+# ------------------------------------------------------------------ channel_axis
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize(
+    "shape, channel_axis", [((5, 3), -1), ((2, 3, 4, 2), 1)], ids=["time-C", "4d"]
+)
+def test_channel_axis_equals_channels_first(approach, shape, channel_axis, getkey):
+    """Outputs, input gradients and state over 3 steps equal a `channel_axis=0`
+    layer on the input with its channels moved first."""
+    last, state = make(3, approach=approach, momentum=0.8, channel_axis=channel_axis)
+    first, first_state = make(3, approach=approach, momentum=0.8)
+    last, first = with_affine(last, getkey()), with_affine(first, getkey())
+    first = eqx.tree_at(lambda m: (m.weight, m.bias), first, (last.weight, last.bias))
+
+    def move(a):  # per example: the channel axis to the front (batch axis 0)
+        return jnp.moveaxis(a, channel_axis % len(shape) + 1, 1)
+
+    for x in batches(getkey(), 3, (8, *shape)):
+        g = jax.random.normal(getkey(), x.shape)
+        y, dx, state = _step(last, x, state, g=g)
+        y0, dx0, first_state = _step(first, move(x), first_state, g=move(g))
+        np.testing.assert_allclose(move(y), y0, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(move(dx), dx0, rtol=1e-4, atol=1e-5)
+        _leaves_equal(state, first_state, rtol=1e-6, atol=1e-7)
+    y, _ = apply(last, x, state, inference=True)
+    y0, _ = apply(first, move(x), first_state, inference=True)
+    np.testing.assert_allclose(move(y), y0, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_channel_count_names_the_axis():
+    bn, state = make(3, channel_axis=-1)
+    with pytest.raises(ValueError, match=r"axis 1 has 4 values, not 3"):
+        apply(bn, jnp.ones((2, 3, 4)), state)
+
+
+def test_channel_axis_out_of_range_names_it():
+    bn, state = make(3, channel_axis=2)
+    with pytest.raises(ValueError, match=r"channel_axis=2.*shape \(3, 4\).*no axis"):
+        apply(bn, jnp.ones((2, 3, 4)), state)
+
+
+@pytest.mark.parametrize("value", [1.0, "last", True])
+def test_channel_axis_must_be_an_int(value):
+    with pytest.raises(TypeError, match="channel_axis"):
+        eqx_norm.BatchNorm(3, "batch", channel_axis=value)
+
+
+# -------------------------------------------------------------------------- mask
+
+
+def _masked_reference(approach, steps, rng):
+    """Masked training of a (time=4, channels=3) channels-last layer against the
+    float64 formula of `approach` over the selected values only."""
+    bn, state = make(3, approach=approach, momentum=0.8, channel_axis=-1)
+    ref = REFERENCES[approach](3, 0.8)
+    least = 2 if NEEDS_VARIANCE[approach] else 1
+    for t in range(steps):
+        x = rng.normal(size=(6, 4, 3)) * rng.uniform(0.5, 3) + rng.normal(size=3)
+        mask = rng.random((6, 4)) < 0.6
+        if t == 3:
+            mask[:] = False
+        if t == 6:
+            mask[:] = False
+            mask[2, 1] = True
+        before = clone(state)
+        y, _, state = _step(bn, jnp.asarray(x, jnp.float32), state, jnp.asarray(mask))
+        selected = x[mask]
+        if len(selected) < least:
+            mean, var = ref.infer()
+            _leaves_equal(state, before, rtol=0, atol=0)
+        else:
+            mu, v = selected.mean(0), selected.var(0)
+            mean, var, *_ = ref.stats(mu, v, len(selected))
+        y_ref = (x - mean) / np.sqrt(var + 1e-5)
+        assert np.all(np.isfinite(y))
+        np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4, err_msg=f"{t}")
+        for a, b in zip(bn.statistics(state), ref.infer()):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5, err_msg=f"{t}")
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_mask_against_float64_formula(approach):
+    """20 steps, a new mask each step, one step selecting nothing and one a single
+    value: outputs and running statistics equal the formula on the selected values;
+    the two degenerate steps leave the state bit-for-bit unchanged (where the
+    approach needs more) and normalise with the inference statistics."""
+    _masked_reference(approach, 20, np.random.default_rng(0))
+
+
+def test_mask_matches_flax():
+    """`approach="batch"` training output equals Flax linen's masked BatchNorm."""
+    nn = pytest.importorskip("flax.linen", reason="Flax is a dev dependency")
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 5, 3)) * 2 + 1, jnp.float32)
+    mask = jnp.asarray(rng.random((8, 5)) < 0.5)
+    flax_bn = nn.BatchNorm(
+        use_running_average=False, use_fast_variance=False, axis=-1, epsilon=1e-5
+    )
+    variables = flax_bn.init(jax.random.key(0), x, mask=mask[..., None])
+    y_flax, _ = flax_bn.apply(
+        variables, x, mask=mask[..., None], mutable=["batch_stats"]
+    )
+    bn, state = make(3, channel_axis=-1)
+    y, _, _ = _step(bn, x, state, mask)
+    np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_example_mask_equals_dropping_the_examples(getkey):
+    bn, state = make(3, momentum=0.8)
+    x = batches(getkey(), 1, (10, 3, 4))[0]
+    keep = jnp.arange(10) % 3 != 0
+    y, _, masked_state = _step(bn, x, clone(state), keep)
+    y_kept, _, kept_state = _step(bn, x[keep], state)
+    np.testing.assert_allclose(y[keep], y_kept, rtol=1e-6, atol=1e-6)
+    _leaves_equal(masked_state, kept_state, rtol=1e-5, atol=1e-6)
+
+
+def test_all_true_mask_equals_no_mask(getkey):
+    bn, state = make(3, approach="running")
+    x = batches(getkey(), 1, (6, 3, 4))[0]
+    y, dx, s1 = _step(bn, x, clone(state), jnp.ones((6, 4), bool))
+    y0, dx0, s0 = _step(bn, x, state)
+    np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
+    _leaves_equal(s1, s0, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_of_the_wrong_shape_or_dtype_is_refused():
+    bn, state = make(3, channel_axis=-1)
+    x = jnp.ones((2, 5, 3))
+    with pytest.raises(ValueError, match=r"`mask` of shape \(4,\).*\(5,\)"):
+        apply(bn, x, state, mask=jnp.ones((2, 4), bool))
+    with pytest.raises(TypeError, match="mask"):
+        apply(bn, x, state, mask=jnp.ones((2, 5)))
+
+
+def test_mask_is_ignored_in_inference(getkey):
+    bn, state = make(3)
+    x = batches(getkey(), 1, (4, 3, 2))[0]
+    y, _ = apply(bn, x, state, inference=True, mask=jnp.zeros((4, 2), bool))
+    y0, _ = apply(bn, x, state, inference=True)
+    np.testing.assert_array_equal(y, y0)
+
+
+# ----------------------------------------------------------------- ghost batches
+
+
+def _ghost_reference(ref, x, vbs):
+    """Float64: each group's output and the running update of the ghost layer."""
+    groups = [x[i : i + vbs] for i in range(0, len(x), vbs)]
+    moments = []
+    out = []
+    for group in groups:
+        mu, v = group.mean((0, 2)), group.var((0, 2))
+        n = group.size // group.shape[1]
+        mean, var, *_ = copy.deepcopy(ref).stats(mu, v, n)
+        out.append((group - mean[:, None]) / np.sqrt(var + 1e-5)[:, None])
+        moments.append((mu, v))
+    mu = np.mean([m for m, _ in moments], 0)
+    v = np.mean([v for _, v in moments], 0)
+    ref.stats(mu, v, vbs * x.shape[2])
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_ghost_batches_against_float64_formula(approach, getkey):
+    """Each group is normalised as the layer would normalise it alone; the running
+    statistics follow the formula on the mean over groups, for 4 steps."""
+    bn, state = make(3, approach=approach, momentum=0.8, virtual_batch_size=4)
+    plain, plain_state = make(3, approach=approach, momentum=0.8)
+    ref = REFERENCES[approach](3, 0.8)
+    for x in batches(getkey(), 4, (12, 3, 2)):
+        y, _, new_state = _step(bn, x, state)
+        for i in range(0, 12, 4):
+            y_alone, _, _ = _step(plain, x[i : i + 4], clone(state))
+            np.testing.assert_allclose(y[i : i + 4], y_alone, rtol=1e-5, atol=1e-5)
+        y_ref = _ghost_reference(ref, np.asarray(x, F64), 4)
+        np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4)
+        for a, b in zip(bn.statistics(new_state), ref.infer()):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        state = new_state
+    del plain_state
+
+
+def test_ghost_batch_of_whole_batch_equals_plain(getkey):
+    bn, state = make(3, virtual_batch_size=8)
+    plain, _ = make(3)
+    x = batches(getkey(), 1, (8, 3, 2))[0]
+    y, dx, s1 = _step(bn, x, clone(state))
+    y0, dx0, s0 = _step(plain, x, state)
+    np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
+    _leaves_equal(s1, s0, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batches_with_a_mask(getkey):
+    """Each group is normalised over its selected values; a group that selects
+    nothing is normalised with the inference statistics; the running update is the
+    mean over the groups that trained."""
+    bn, state = make(3, momentum=0.8, virtual_batch_size=4)
+    plain, _ = make(3, momentum=0.8)
+    x = batches(getkey(), 1, (12, 3, 2))[0]
+    mask = jnp.asarray(np.random.default_rng(2).random((12, 2)) < 0.7)
+    mask = mask.at[4:8].set(False)  # the second group selects nothing
+    y, _, new_state = _step(bn, x, clone(state), mask)
+    for i in (0, 8):
+        alone, _, _ = _step(plain, x[i : i + 4], clone(state), mask[i : i + 4])
+        np.testing.assert_allclose(y[i : i + 4], alone, rtol=1e-5, atol=1e-5)
+    inferred, _ = apply(plain, x[4:8], state, inference=True)
+    np.testing.assert_allclose(y[4:8], inferred, rtol=1e-6, atol=1e-6)
+    ref = REFERENCES["batch"](3, 0.8)
+    xs, ms = np.asarray(x, F64), np.asarray(mask)
+    moments = []
+    for i in (0, 8):
+        sel = np.moveaxis(xs[i : i + 4], 1, -1)[ms[i : i + 4]]
+        moments.append((sel.mean(0), sel.var(0), len(sel)))
+    ref.stats(
+        np.mean([m[0] for m in moments], 0),
+        np.mean([m[1] for m in moments], 0),
+        sum(m[2] for m in moments) // 2,
+    )
+    for a, b in zip(bn.statistics(new_state), ref.infer()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batch_that_does_not_divide_is_refused():
+    bn, state = make(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"batch of 10 examples.*groups of that"):
+        apply(bn, jnp.ones((10, 3, 2)), state)
+
+
+def test_ghost_batch_of_one_value_is_refused():
+    bn, state = make(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="one value per channel in each ghost batch"):
+        apply(bn, jnp.ones((4, 3)), state)
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (2.0, TypeError)])
+def test_bad_virtual_batch_size_is_refused(value, error):
+    with pytest.raises(error, match="virtual_batch_size"):
+        eqx_norm.BatchNorm(3, "batch", virtual_batch_size=value)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py)")
+def test_ghost_batches_under_shard_map_equal_one_device(getkey):
+    """Over 8 devices with 4 examples each, groups of 2 that lie within a device
+    and of 8 that span two: the same as on one device, with a mask."""
+    mesh = jax.make_mesh((8,), ("data",))
+    x = batches(getkey(), 1, (32, 3, 2))[0]
+    mask = jnp.asarray(np.random.default_rng(3).random((32, 2)) < 0.8)
+    sharded = jax.sharding.NamedSharding(mesh, P("data"))
+    xs, masks = jax.device_put(x, sharded), jax.device_put(mask, sharded)
+    for vbs in (2, 8):
+        bn, state = make(3, axis_name=("data", "batch"), virtual_batch_size=vbs)
+        one, one_state = make(3, virtual_batch_size=vbs)
+        body = jax.shard_map(
+            lambda x, m, s: _step_fn(bn, x, s, m),
+            mesh=mesh,
+            in_specs=(P("data"), P("data"), P()),
+            out_specs=(P("data"), P("data"), P()),
+            check_vma=False,
+        )
+        y, dx, new_state = jax.jit(body)(xs, masks, state)
+        y1, dx1, one_new = _step(one, x, one_state, mask)
+        np.testing.assert_allclose(y, y1, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx, dx1, rtol=1e-4, atol=1e-5)
+        _leaves_equal(new_state, one_new, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ forward mode
+
+
+_MODES = {
+    "plain": {},
+    "mask": {"mask": True},
+    "ghost": {"virtual_batch_size": 2},
+}
+
+
+def _training_output(approach, mode, key, dtype=jnp.float32):
+    """`(f, x, v)`: the training output of a layer after one step as a function `f`
+    of the batch, a batch `x` and a direction `v`, all in `dtype` (float64 needs
+    `jax.enable_x64`)."""
+    kwargs = {k: v for k, v in _MODES[mode].items() if k != "mask"}
+    k1, k2, k3 = jax.random.split(key, 3)
+    with jax.enable_x64(False):  # the same random values for every dtype
+        x0, x = batches(k2, 2, (4, 2, 3))
+        weight, bias = jax.random.normal(k1, (2, 2)) * 0.5 + jnp.array([[1.0], [0.0]])
+        v = jax.random.normal(k3, x.shape)
+    bn, state = make(2, approach=approach, momentum=0.8, dtype=dtype, **kwargs)
+    bn = eqx.tree_at(
+        lambda m: (m.weight, m.bias), bn, (weight.astype(dtype), bias.astype(dtype))
+    )
+    x0, x, v = x0.astype(dtype), x.astype(dtype), v.astype(dtype)
+    _, state = apply(bn, x0, state)
+    mask = (jnp.arange(12).reshape(4, 3) % 5 != 0) if "mask" in _MODES[mode] else None
+
+    @jax.jit
+    def f(x):
+        return apply(bn, x, state, mask=mask)[0]
+
+    return f, x, v
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_jvp_equals_finite_differences_and_jacfwd_equals_jacrev(approach, mode, getkey):
+    """In float64: `jax.jvp` of a training call equals central differences, and
+    `jax.jacfwd` equals `jax.jacrev`. (Renorm's corrections are stop-gradients, so
+    its derivative is not that of the function: it is compared with differences
+    where the corrections are pinned, `r_max=1, d_max=0`.)"""
+    key = getkey()
+    pinned = eqx_norm.Renorm(r_max=1.0, d_max=0.0) if approach == "renorm" else None
+    with jax.enable_x64(True):
+        f, x, v = _training_output(pinned or approach, mode, key, jnp.float64)
+        _, tangent = jax.jvp(f, (x,), (v,))
+        h = 1e-6
+        fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
+        np.testing.assert_allclose(tangent, fd, rtol=1e-6, atol=1e-7)
+        f, x, _ = _training_output(approach, mode, key, jnp.float64)
+        np.testing.assert_allclose(
+            jax.jit(jax.jacfwd(f))(x), jax.jit(jax.jacrev(f))(x), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_linearize_agrees_with_jvp(getkey):
+    f, x, v = _training_output("renorm", "mask", getkey())
+    _, f_lin = jax.linearize(f, x)
+    np.testing.assert_allclose(f_lin(v), jax.jvp(f, (x,), (v,))[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("approach", ["batch", "ema", "running"])
+def test_hessian_equals_float64_reference(approach, getkey):
+    """`jax.hessian` of a small loss through the layer, in float32, equals central
+    differences of the float64 gradient."""
+    key = getkey()
+    f32, x, _ = _training_output(approach, "plain", key)
+
+    def loss(f):
+        return lambda x: jnp.sum(jnp.sin(f(x)))
+
+    hessian = jax.jit(jax.hessian(loss(f32)))(x)
+    with jax.enable_x64(True):
+        f64, x64, _ = _training_output(approach, "plain", key, jnp.float64)
+        grad = jax.jit(jax.grad(loss(f64)))
+        h = 1e-5
+        flat = x64.reshape(-1)
+        columns = []
+        for i in range(flat.size):
+            e = jnp.zeros_like(flat).at[i].set(h).reshape(x64.shape)
+            columns.append((grad(x64 + e) - grad(x64 - e)) / (2 * h))
+        reference = jnp.stack(columns, -1).reshape(x64.shape * 2)
+    np.testing.assert_allclose(hessian, reference, rtol=1e-3, atol=1e-3)
