@@ -149,11 +149,74 @@ def bench_approaches(shape, rounds, upstream=False):
     return interleaved(candidates, rounds=rounds)
 
 
+def _options_step(x, mask, channel_axis=0, **kwargs):
+    """`eqx_norm_step` with layer options, and a per-example `mask` if given."""
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        x.shape[1:][channel_axis], "batch", channel_axis=channel_axis, **kwargs
+    )
+
+    def f(bn, x, state, mask):
+        def loss(bn_and_x):
+            bn, x = bn_and_x
+            y, new_state = jax.vmap(
+                lambda xi, mi, s: bn(xi, s, mask=mi),
+                in_axes=(0, None if mask is None else 0, None),
+                out_axes=(0, None),
+                axis_name="batch",
+            )(x, mask, state)
+            return _loss(y), new_state
+
+        (_, new_state), grads = eqx.filter_value_and_grad(loss, has_aux=True)((bn, x))
+        return grads, new_state
+
+    return _jit(f, (bn, x, state, mask))
+
+
+def bench_options(shape, rounds):
+    """What a mask and ghost batches cost over plain training."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    mask = jax.random.uniform(jax.random.key(1), (shape[0],) + shape[2:]) < 0.9
+    builders = {
+        "plain": lambda: _options_step(x, None),
+        "mask": lambda: _options_step(x, mask),
+        "ghost 16": lambda: _options_step(x, None, virtual_batch_size=16),
+        "ghost 16 + mask": lambda: _options_step(x, mask, virtual_batch_size=16),
+        "channels last": lambda: _options_step(
+            jnp.moveaxis(x, 1, -1), None, channel_axis=-1
+        ),
+    }
+    candidates = {}
+    for name, build in builders.items():
+        fn, args = build()
+        fn(*args)
+        candidates[name] = lambda fn=fn, args=args: fn(*args)
+    return interleaved(candidates, rounds=rounds)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument(
+        "--options", action="store_true", help="only mask, ghost batches, layout"
+    )
     args = parser.parse_args()
+    if args.options:
+        print("## Options against plain training, float32\n")
+        rows = []
+        for shape in SHAPES:
+            times = bench_options(shape, args.rounds)
+            rows += [
+                [
+                    str(shape),
+                    k,
+                    f"{median(v) * 1e3:.2f}",
+                    f"{ratio(times, k, 'plain'):.2f}",
+                ]
+                for k, v in times.items()
+            ]
+        print(table(rows, ["shape", "option", "ms", "/ plain"]))
+        return
     print(
         f"# BatchNorm forward+backward, {jax.default_backend()} "
         f"({platform.processor() or platform.machine()}, {jax.device_count()} "
