@@ -23,6 +23,7 @@ from ._diagnose import (
     LayerDiagnosis as LayerDiagnosis,
     diagnose as diagnose,
 )
+from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
 from ._recalibrate import recalibrate as recalibrate
 from ._sam import SAMState as SAMState, sam as sam
@@ -54,6 +55,8 @@ __all__ = [
     "SmoothStart",
     "batch_norms",
     "diagnose",
+    "fold",
+    "fold_into",
     "freeze",
     "from_equinox",
     "load",

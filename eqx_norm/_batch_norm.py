@@ -90,11 +90,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
     output has the input's dtype.
 
     The batch mean and second moment are reduced across `axis_name` in one
-    all-reduce (with a mask or ghost batches, one `psum` of the sums and counts). So that large
-    offsets do not cancel in $E[x^2] - E[x]^2$, the input is first shifted by the
-    current inference mean (a constant for the gradient); the precision this gives,
-    and that of the first step (shifted by 0), is set out on the documentation's
-    "Precision" page.
+    all-reduce (with a mask or ghost batches, one `psum` of the sums and counts).
+    So that large offsets do not cancel in $E[x^2] - E[x]^2$, the input is first
+    shifted by the current inference mean (a constant for the gradient); the
+    precision this gives, and that of the first step (shifted by 0), is set out on
+    the documentation's "Precision" page.
 
     A batch whose statistics are not finite (NaN or infinity), or whose new running
     statistics would not be finite or would have a negative variance, leaves the
@@ -271,6 +271,66 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         return self.approach.infer(self._running(state), self.momentum)
 
+    def set_statistics(
+        self,
+        state: eqx.nn.State,
+        mean: ArrayLike,
+        var: ArrayLike,
+        *,
+        counter: int | None = None,
+    ) -> eqx.nn.State:
+        """The state with this layer's statistics replaced: for bringing in the
+        statistics of a pretrained model (see "Serving and porting" in the guide).
+
+        For every built-in approach the stored statistics are the ones inference
+        uses, so after this call `statistics(state)` returns `(mean, var)`.
+
+        **Arguments:**
+
+        - `state`: the `eqx.nn.State` holding this layer's statistics.
+        - `mean`: the per-channel mean, shape `(input_size,)`.
+        - `var`: the per-channel variance (as inference uses it; PyTorch's and
+            Flax's running variances are), shape `(input_size,)`, non-negative.
+        - `counter`: the step counter to store (for the debiased approaches, how
+            many training steps the statistics stand for: PyTorch's
+            `num_batches_tracked`; for `"running"`, how many values). `None` keeps
+            the current one.
+
+        **Returns:**
+
+        The new state.
+
+        **Raises:**
+
+        A `ValueError` for a wrong shape, a value that is not finite, or a negative
+        variance.
+        """
+        old = self._running(state)
+        arrays = []
+        for name, value in (("mean", mean), ("var", var)):
+            array = jnp.asarray(value)
+            if array.shape != (self.input_size,):
+                raise ValueError(
+                    f"`set_statistics`: `{name}` has shape {tuple(array.shape)}, but "
+                    f"this layer has {self.input_size} channels: pass shape "
+                    f"({self.input_size},)."
+                )
+            try:
+                values = np.asarray(array, np.float64)
+            except jax.errors.TracerArrayConversionError:
+                values = None  # under `jit`: checked when it runs, not here
+            if values is not None:
+                if not np.all(np.isfinite(values)):
+                    raise ValueError(f"`set_statistics`: `{name}` is not finite.")
+                if name == "var" and np.any(values < 0):
+                    raise ValueError(
+                        "`set_statistics`: `var` has a negative value; pass a "
+                        "variance, not a standard deviation or a log-variance."
+                    )
+            arrays.append(array.astype(old.mean.dtype))
+        count = old.counter if counter is None else jnp.asarray(counter, jnp.int32)
+        return state.set(self.state_index, RunningStats(arrays[0], arrays[1], count))
+
     def _running(self, state: eqx.nn.State) -> RunningStats:
         """This layer's running statistics, checked to be those of `input_size`
         channels: a state of another layer would otherwise broadcast silently."""
@@ -443,7 +503,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             groups = groups._replace(n=jnp.where(enough, n, 2))
         # This example's group is normalised with its own statistics...
         own = _axis_index(self.axis_name) // vbs
-        n_own = groups.n if mask is None else groups.n[own]
+        n_own = groups.n if mask is None else jnp.asarray(groups.n)[own]
         batch = BatchStats(groups.mean[own], groups.var[own], n_own)
         mean, var, _ = self.approach.train(batch, running, self.momentum, self.eps)
         # ... and the running statistics are updated once, from the mean over the
@@ -465,7 +525,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mean, var = self._or_inference(enough[own], mean, var, running)
         return mean, var, _where(trained > 0, new, running)
 
-    def _enough(self, n: Array) -> Array:
+    def _enough(self, n) -> Array:
         """Whether a masked batch (or group) of `n` values per channel can train."""
         return n >= (2 if self.approach.needs_batch_variance else 1)
 
@@ -481,7 +541,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         `n` is a static int without a mask, else an array (of groups, if any).
         """
-        n = math.prod(x.shape) // self.input_size * _axis_size(self.axis_name)
+        size = _axis_size(self.axis_name)
+        n = math.prod(x.shape) // self.input_size * size
         if groups is not None:
             n //= groups
         if n == 1 and self.approach.needs_batch_variance:
@@ -504,7 +565,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             sums = masked_sums(x, shift, mask, axis, dtype)
         if groups is not None:
             # Each example adds its sums into its group's row: still one psum.
-            own = _axis_index(self.axis_name) // self.virtual_batch_size
+            own = _axis_index(self.axis_name) // (size // groups)
             row = jnp.arange(groups, dtype=own.dtype) == own
             sums = tuple(jnp.where(expand(row, s.ndim + 1, 0), s, 0) for s in sums)
         first, second, count = lax.psum(sums, self.axis_name)

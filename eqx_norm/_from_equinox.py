@@ -52,23 +52,7 @@ def from_equinox(
     def convert(x):
         if not isinstance(x, eqx.nn.BatchNorm):
             return x
-        if x.mode == "batch":
-            if x.batch_counter is None or x.batch_state_index is None:
-                raise ValueError(_UNKNOWN_LAYOUT)
-            counter = state.get(x.batch_counter)
-            hidden_mean, hidden_var = state.get(x.batch_state_index)
-            scale = jnp.where(counter == 0, 1, 1 - x.momentum**counter)
-            stats = RunningStats(hidden_mean / scale, hidden_var / scale, counter)
-        else:
-            if x.ema_first_time_index is None or x.ema_state_index is None:
-                raise ValueError(_UNKNOWN_LAYOUT)
-            first = state.get(x.ema_first_time_index)
-            mean, var = state.get(x.ema_state_index)
-            stats = RunningStats(
-                jnp.where(first, 0, mean),
-                jnp.where(first, 1, var),
-                jnp.where(first, 0, 1).astype(jnp.int32),
-            )
+        stats = equinox_statistics(x, state)
         dtype = x.weight.dtype if x.weight is not None else stats.mean.dtype
         new = BatchNorm(
             x.input_size,
@@ -107,6 +91,26 @@ def from_equinox(
             "to convert."
         )
     return eqx.nn.make_with_state(lambda: model)()
+
+
+def equinox_statistics(bn: eqx.nn.BatchNorm, state: eqx.nn.State) -> RunningStats:
+    """The statistics an `eqx.nn.BatchNorm` uses for inference, and its count."""
+    if bn.mode == "batch":
+        if bn.batch_counter is None or bn.batch_state_index is None:
+            raise ValueError(_UNKNOWN_LAYOUT)
+        counter = state.get(bn.batch_counter)
+        hidden_mean, hidden_var = state.get(bn.batch_state_index)
+        scale = jnp.where(counter == 0, 1, 1 - bn.momentum**counter)
+        return RunningStats(hidden_mean / scale, hidden_var / scale, counter)
+    if bn.ema_first_time_index is None or bn.ema_state_index is None:
+        raise ValueError(_UNKNOWN_LAYOUT)
+    first = state.get(bn.ema_first_time_index)
+    mean, var = state.get(bn.ema_state_index)
+    return RunningStats(
+        jnp.where(first, 0, mean),
+        jnp.where(first, 1, var),
+        jnp.where(first, 0, 1).astype(jnp.int32),
+    )
 
 
 def _is_stateful(x: Any) -> bool:
