@@ -37,7 +37,10 @@ def _deep(key, channels=32, blocks=6):
 def _trained_state(model, state, x):
     """Statistics from one training-mode pass, so that they are not the initial."""
     _, state = jax.vmap(
-        model, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+        lambda xi, s: model(xi, s)[:2],
+        in_axes=(0, None),
+        out_axes=(0, None),
+        axis_name="batch",
     )(x, state)
     return state
 
