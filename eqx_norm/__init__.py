@@ -25,6 +25,7 @@ from ._diagnose import (
 )
 from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
+from ._looksam import LookSAMState as LookSAMState, looksam as looksam
 from ._recalibrate import recalibrate as recalibrate
 from ._sam import SAMState as SAMState, sam as sam
 from ._sharding import replicate as replicate, shard_batch as shard_batch
@@ -48,6 +49,7 @@ __all__ = [
     "EMA",
     "Frozen",
     "LayerDiagnosis",
+    "LookSAMState",
     "Renorm",
     "Running",
     "RunningStats",
@@ -60,6 +62,7 @@ __all__ = [
     "freeze",
     "from_equinox",
     "load",
+    "looksam",
     "recalibrate",
     "replicate",
     "sam",
