@@ -219,7 +219,7 @@ def test_inside_chain_and_inject_hyperparams():
         for a, b in zip(other, expected):
             for k in a:
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
-    assert float(state.hyperparams["rho"]) == pytest.approx(0.1)
+    assert float(state.hyperparams["rho"]) == pytest.approx(0.1)  # pyright: ignore
 
 
 @pytest.mark.standard_promotion  # optax.adam
