@@ -4,6 +4,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._state import copy_state
@@ -60,6 +61,7 @@ def sam_step(
     has_aux: bool = False,
     axis_name: Hashable | Sequence[Hashable] | None = None,
     per_device_perturbation: bool = False,
+    micro_batches: int = 1,
 ) -> Callable[..., tuple[Any, ...]]:
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
@@ -94,6 +96,18 @@ def sam_step(
     with its own gradient and only the gradients at the perturbed points are
     averaged (the paper's m-sharpness, with m the per-device batch).
 
+    Micro-batches. With `micro_batches=m` the batch (every array of `*batch`, along
+    its leading axis) is split into `m` equal consecutive micro-batches, processed
+    one after another (`lax.scan`), so that the activation memory is that of one
+    micro-batch. The first pass threads the state through them (BatchNorm statistics
+    are updated once per micro-batch, as in any gradient accumulation) and averages
+    their gradients; the perturbation comes from that average, so it is SAM over the
+    whole batch; the second pass evaluates each micro-batch at the perturbed point
+    from the state that micro-batch saw in the first pass, drops its state output,
+    and averages the perturbed gradients. The loss returned is the mean of the
+    micro-batch losses, and an aux is that of each micro-batch, stacked on a leading
+    axis of size `m`. With a plain optimizer this is plain gradient accumulation.
+
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)`, or
@@ -104,6 +118,8 @@ def sam_step(
     - `axis_name`: inside `shard_map`, the data-parallel mesh axis (or axes).
     - `per_device_perturbation`: with `axis_name` and SAM, perturb with each
         device's own gradient.
+    - `micro_batches`: the number of micro-batches the batch is split into (1: the
+        whole batch at once).
 
     **Returns:**
 
@@ -116,8 +132,18 @@ def sam_step(
 
     When the step is traced, a `TypeError` naming `loss_fn` if it returns another
     structure than `has_aux` says, and a `ValueError` if `per_device_perturbation`
-    is given without `axis_name` or with an optimizer that makes no second pass.
+    is given without `axis_name` or with an optimizer that makes no second pass, or
+    if `micro_batches` does not divide the batch.
     """
+    if (
+        not isinstance(micro_batches, int)
+        or isinstance(micro_batches, bool)
+        or micro_batches < 1
+    ):
+        raise ValueError(
+            f"`micro_batches` must be a positive int, got {micro_batches!r}; e.g. "
+            "`micro_batches=4`."
+        )
 
     if per_device_perturbation and axis_name is None:
         raise ValueError(
@@ -133,19 +159,24 @@ def sam_step(
     def step(model, state, opt_state, *batch):
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
-        def loss_and_rest(params, state):
+        def loss_and_rest(params, state, batch):
             out = loss_fn(eqx.combine(params, static), state, *batch)
             _check_output(out, has_aux)
             return out
 
-        grad_and_value = jax.value_and_grad(loss_and_rest, has_aux=True)
-        (loss, rest), grads = grad_and_value(params, copy_state(state))
+        if micro_batches == 1:
+            loss, rest, grads, gradient_at = _whole_batch(
+                loss_and_rest, params, state, batch
+            )
+        else:
+            loss, rest, grads, gradient_at = _in_micro_batches(
+                loss_and_rest, params, state, batch, micro_batches, has_aux
+            )
         second_passes = []
 
         def grad_fn(perturbed):
             second_passes.append(perturbed)
-            loss_at = lambda p: loss_and_rest(p, copy_state(state))[0]  # noqa: E731
-            return mean(jax.grad(loss_at)(perturbed))
+            return mean(gradient_at(perturbed))
 
         updates, opt_state = optimizer.update(
             grads if per_device_perturbation else mean(grads),
@@ -166,3 +197,74 @@ def sam_step(
         return model, rest, opt_state, mean(loss)
 
     return step
+
+
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _split(batch: tuple, m: int) -> tuple:
+    """Every array of the batch split along its leading axis into `m` equal
+    consecutive parts, stacked on a new leading axis."""
+    sizes = {np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a) > 0}
+    for size in sizes:
+        if size % m:
+            raise ValueError(
+                f"`sam_step(micro_batches={m})` got a batch of {size} examples, which "
+                f"does not split into {m} equal micro-batches. Use a batch size that "
+                "is a multiple of `micro_batches`."
+            )
+    return jax.tree.map(
+        lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]) if np.ndim(a) else a,
+        batch,
+    )
+
+
+def _whole_batch(loss_and_rest, params, state, batch):
+    """The first pass on the whole batch: `(loss, rest, grads, gradient_at)`, where
+    `gradient_at(p)` is the gradient at other parameters from the same input
+    state."""
+    value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
+    (loss, rest), grads = value_and_grad(params, copy_state(state), batch)
+
+    def gradient_at(perturbed):
+        loss_at = lambda p: loss_and_rest(p, copy_state(state), batch)[0]  # noqa: E731
+        return jax.grad(loss_at)(perturbed)
+
+    return loss, rest, grads, gradient_at
+
+
+def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
+    """As `_whole_batch`, over `m` micro-batches in turn: the mean loss, the final
+    state (with each micro-batch's aux, stacked), the mean gradient, and
+    `gradient_at(p)`, the mean gradient at `p` with each micro-batch evaluated from
+    the state it saw in the first pass."""
+    micro = _split(batch, m)
+    value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
+
+    def first(carry, mb):
+        state, total = carry
+        seen = copy_state(state)
+        (loss, rest), grads = value_and_grad(params, copy_state(state), mb)
+        new_state, aux = rest if has_aux else (rest, None)
+        return (new_state, _add(total, grads)), (loss, aux, seen)
+
+    zero = jax.tree.map(jnp.zeros_like, params)
+    (state, total), (losses, auxes, seen) = jax.lax.scan(
+        first, (copy_state(state), zero), micro
+    )
+
+    def gradient_at(perturbed):
+        def second(total, mb_and_state):
+            mb, mb_state = mb_and_state
+            loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
+            return _add(total, jax.grad(loss_at)(perturbed)), None
+
+        total, _ = jax.lax.scan(
+            second, jax.tree.map(jnp.zeros_like, perturbed), (micro, seen)
+        )
+        return jax.tree.map(lambda g: g / m, total)
+
+    grads = jax.tree.map(lambda g: g / m, total)
+    rest = (state, auxes) if has_aux else state
+    return jnp.mean(losses), rest, grads, gradient_at

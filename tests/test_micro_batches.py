@@ -1,0 +1,164 @@
+"""`sam_step(micro_batches=m)`: SAM and plain steps over micro-batches against the
+whole-batch step and a hand-written two-pass reference."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_norm
+
+from .helpers import Net, clone, mse_loss
+
+
+def _data(key, n=16):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
+
+
+def _loss_at(model, params, state, x, y):
+    m = eqx.combine(params, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+    return mse_loss(m, clone(state), x, y)
+
+
+def test_one_micro_batch_is_the_usual_step(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = _data(getkey())
+    a = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(
+        model, clone(state), opt_state, x, y
+    )
+    b = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=1))(
+        model, state, opt_state, x, y
+    )
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_without_batch_norm_equals_sam_on_the_whole_batch(getkey):
+    """No state to thread: the mean of four micro-batch gradients is the whole
+    batch's, so the step is SAM on the whole batch, here computed in float64."""
+    model, state = eqx.nn.make_with_state(Net)(getkey(), norm=False)
+    x, y = _data(getkey())
+    rho, lr = 0.05, 0.1
+    opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=4))
+    new_model, _, _, loss = step(model, state, opt.init(params), x, y)
+    with jax.enable_x64(True):
+        model64, params64 = jax.tree.map(
+            lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,
+            (model, params),
+        )
+        x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
+
+        def whole(p):
+            return _loss_at(model64, p, state, x64, y64)[0]
+
+        g = jax.grad(whole)(params64)
+        norm = optax.tree.norm(g)
+        g2 = jax.grad(whole)(jax.tree.map(lambda w, g: w + rho * g / norm, params64, g))
+        expected = jax.tree.map(lambda w, g: w - lr * g, params64, g2)
+        expected_loss = whole(params64)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("approach", ["batch", "running"])
+def test_with_batch_norm_threads_the_state_and_matches_two_passes(approach, getkey):
+    """The state after a step is that of four plain forward passes in turn; the
+    parameters are the hand-written two-pass SAM step in which each micro-batch is
+    evaluated from the state it saw."""
+    model, state = eqx.nn.make_with_state(Net)(getkey(), approach)
+    x, y = _data(getkey())
+    rho, lr, m = 0.05, 0.1, 4
+    opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=m))
+    new_model, new_state, _, loss = step(model, clone(state), opt.init(params), x, y)
+
+    xs, ys = x.reshape(m, -1, 4), y.reshape(m, -1, 2)
+    seen, s = [], clone(state)
+    losses = []
+    for xi, yi in zip(xs, ys):
+        seen.append(clone(s))
+        li, s = mse_loss(model, clone(s), xi, yi)
+        losses.append(li)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(s)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-6)
+
+    def mean_grad(p):
+        grads = [
+            jax.grad(lambda p: _loss_at(model, p, si, xi, yi)[0])(p)
+            for si, xi, yi in zip(seen, xs, ys)
+        ]
+        return jax.tree.map(lambda *g: sum(g) / m, *grads)
+
+    g = mean_grad(params)
+    norm = optax.tree.norm(g)
+    g2 = mean_grad(jax.tree.map(lambda w, g: w + rho * g / norm, params, g))
+    expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_plain_optimizer_is_gradient_accumulation(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey(), norm=False)
+    x, y = _data(getkey())
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    whole = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
+    micro = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=2))
+    a, _, _, loss_a = whole(model, clone(state), opt_state, x, y)
+    b, _, _, loss_b = micro(model, state, opt_state, x, y)
+    arrays = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
+    for u, v in zip(arrays(a), arrays(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+
+
+def test_aux_is_stacked_per_micro_batch(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    x, y = _data(getkey())
+
+    def loss_with_aux(model, state, x, y):
+        loss, state = mse_loss(model, state, x, y)
+        return loss, (state, jnp.mean(x))
+
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    step = eqx.filter_jit(
+        eqx_norm.sam_step(loss_with_aux, opt, has_aux=True, micro_batches=4)
+    )
+    *_, aux = step(
+        model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y
+    )
+    np.testing.assert_allclose(aux, x.reshape(4, -1, 4).mean((1, 2)), rtol=1e-6)
+
+
+def test_batch_that_does_not_split_is_refused(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = optax.sgd(0.1)
+    step = eqx_norm.sam_step(mse_loss, opt, micro_batches=3)
+    x, y = _data(getkey(), n=16)
+    with pytest.raises(
+        ValueError, match=r"batch of 16 examples.*3 equal micro-batches"
+    ):
+        step(model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y)
+
+
+@pytest.mark.parametrize("value", [0, 2.0, True])
+def test_bad_micro_batches_is_refused(value):
+    with pytest.raises((ValueError, TypeError), match="micro_batches"):
+        eqx_norm.sam_step(mse_loss, optax.sgd(0.1), micro_batches=value)
