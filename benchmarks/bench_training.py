@@ -4,6 +4,9 @@ CNN with eqx.nn.BatchNorm, all jitted, interleaved; ratios are medians of per-ro
 ratios.
 
     python benchmarks/bench_training.py [--rounds 30]
+
+Also five consecutive steps of SAM, LookSAM (every=5) and SAM over 4 micro-batches
+against five plain steps.
 """
 
 import argparse
@@ -27,6 +30,46 @@ def _step(model, state, optimizer, x, y):
     dynamic, static = eqx.partition(args, eqx.is_array)
     jitted = jax.jit(lambda d: eqx.filter(step(*eqx.combine(d, static)), eqx.is_array))
     return jitted, dynamic
+
+
+def _five_steps(model, state, optimizer, x, y, micro_batches=1):
+    """Five consecutive steps in one program (a `lax.scan`), so that LookSAM's
+    one-in-five second pass is averaged over its period."""
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = eqx_norm.sam_step(loss_fn, optimizer, micro_batches=micro_batches)
+    args = (model, state, opt_state)
+    dynamic, static = eqx.partition(args, eqx.is_array)
+
+    def body(dynamic, _):
+        model, state, opt_state = eqx.combine(dynamic, static)
+        model, state, opt_state, loss = step(model, state, opt_state, x, y)
+        return eqx.filter((model, state, opt_state), eqx.is_array), loss
+
+    jitted = jax.jit(lambda d: jax.lax.scan(body, d, None, length=5)[1])
+    return jitted, dynamic
+
+
+def cheaper_sam(model, state, x, y, rounds):
+    """Five steps of: plain Adam, SAM, LookSAM (every=5), and SAM and plain Adam
+    over 4 micro-batches."""
+    adam = optax.adam(3e-3)
+    programs = {
+        "plain": _five_steps(model, state, adam, x, y),
+        "SAM": _five_steps(model, state, eqx_norm.sam(adam), x, y),
+        "LookSAM (every=5)": _five_steps(
+            model, state, eqx_norm.looksam(adam, every=5), x, y
+        ),
+        "SAM, 4 micro-batches": _five_steps(
+            model, state, eqx_norm.sam(adam), x, y, micro_batches=4
+        ),
+        "plain, 4 micro-batches": _five_steps(model, state, adam, x, y, 4),
+    }
+    for fn, dyn in programs.values():
+        jax.block_until_ready(fn(dyn))
+    return interleaved(
+        {k: (lambda fn=fn, dyn=dyn: fn(dyn)) for k, (fn, dyn) in programs.items()},
+        rounds=rounds,
+    )
 
 
 def main():
@@ -76,6 +119,17 @@ def main():
                 for k, v in times.items()
             ],
             ["step", "ms", "/ plain eqx_norm step", "compile s"],
+        )
+    )
+    cheap = cheaper_sam(model, state, x, y, args.rounds)
+    print("\n## Cheaper SAM: five steps of each, over five plain steps\n")
+    print(
+        table(
+            [
+                [k, f"{median(v) * 1e3 / 5:.2f}", f"{ratio(cheap, k, 'plain'):.2f}"]
+                for k, v in cheap.items()
+            ],
+            ["step", "ms per step", "/ plain"],
         )
     )
     print(

@@ -302,8 +302,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        A `ValueError` for a wrong shape, a value that is not finite, or a negative
-        variance.
+        A `ValueError` for a wrong shape, a value that is not finite, a negative
+        variance or a negative `counter`; a `TypeError` for a `counter` that is not an
+        int.
         """
         old = self._running(state)
         arrays = []
@@ -328,7 +329,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
                         "variance, not a standard deviation or a log-variance."
                     )
             arrays.append(array.astype(old.mean.dtype))
-        count = old.counter if counter is None else jnp.asarray(counter, jnp.int32)
+        if counter is None:
+            count = old.counter
+        else:
+            counter = _int("counter", counter, "`counter=int(num_batches_tracked)`")
+            if not 0 <= counter <= np.iinfo(np.int32).max:
+                raise ValueError(
+                    f"`set_statistics`: `counter` must be from 0 to "
+                    f"{np.iinfo(np.int32).max} (an int32 step count), got {counter}."
+                )
+            count = jnp.asarray(counter, jnp.int32)
         return state.set(self.state_index, RunningStats(arrays[0], arrays[1], count))
 
     def _running(self, state: eqx.nn.State) -> RunningStats:

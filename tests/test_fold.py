@@ -363,6 +363,15 @@ def test_set_statistics_errors(mean, var, message):
         bn.set_statistics(state, mean, var)
 
 
+@pytest.mark.parametrize(
+    "counter, error", [(-1, ValueError), (2**31, ValueError), (1.5, TypeError)]
+)
+def test_set_statistics_refuses_a_bad_counter(counter, error):
+    bn, state = _bn(3)
+    with pytest.raises(error, match="counter"):
+        bn.set_statistics(state, np.zeros(3), np.ones(3), counter=counter)
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_set_statistics_sets_the_inference_statistics(approach):
     bn, state = _bn(3, approach=approach)

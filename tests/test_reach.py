@@ -180,6 +180,24 @@ def test_mask_of_the_wrong_shape_or_dtype_is_refused():
         apply(bn, x, state, mask=jnp.ones((2, 5)))
 
 
+def test_nan_padding_does_not_poison_the_statistics(getkey):
+    """Padding filled with NaN, masked out: the statistics are those of the real
+    values and the real positions' outputs are finite. (Gradients are not: the
+    output at a NaN position is NaN, and a zero cotangent times NaN is NaN in the
+    scale's gradient, as in any framework; the guide says to pad with zeros.)"""
+    bn, state = make(3, channel_axis=-1)
+    x = batches(getkey(), 1, (4, 3, 5))[0].transpose(0, 2, 1)  # (batch, time, C)
+    mask = jnp.arange(5)[None, :] < jnp.array([5, 3, 2, 4])[:, None]
+    padded = jnp.where(mask[..., None], x, jnp.nan)
+    y, dx, new_state = _step(
+        bn, padded, clone(state), mask, g=jnp.where(mask[..., None], 1.0, 0.0)
+    )
+    _, _, expected = _step(bn, jnp.where(mask[..., None], x, 0.0), state, mask)
+    _leaves_equal(new_state, expected, rtol=0, atol=0)
+    assert np.all(np.isfinite(np.asarray(y)[np.asarray(mask)]))
+    del dx
+
+
 def test_mask_is_ignored_in_inference(getkey):
     bn, state = make(3)
     x = batches(getkey(), 1, (4, 3, 2))[0]
