@@ -8,7 +8,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._sam import _perturbation, check_non_negative
+from ._sam import _perturbation, check_non_negative, check_update_args
 
 
 class LookSAMState(NamedTuple):
@@ -130,18 +130,7 @@ def looksam(
         grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, LookSAMState]:
-        if grad_fn is None:
-            raise ValueError(
-                "`eqx_norm.looksam(...).update` needs `grad_fn=`: a function from "
-                "perturbed parameters to the gradient there. Call "
-                "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
-                "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
-            )
-        if params is None:
-            raise ValueError(
-                "`eqx_norm.looksam(...).update` needs `params`, the current "
-                "parameters: `opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
-            )
+        grad_fn, params = check_update_args("looksam", grad_fn, params)
         g = updates
         g_norm2 = _dot(g, g)
 

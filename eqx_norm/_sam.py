@@ -45,6 +45,24 @@ def check_non_negative(name: str, value: Any, example: str) -> None:
         )
 
 
+def check_update_args(name: str, grad_fn, params):
+    """`(grad_fn, params)`, or a `ValueError` saying which is missing and how to
+    pass it."""
+    if grad_fn is None:
+        raise ValueError(
+            f"`eqx_norm.{name}(...).update` needs `grad_fn=`: a function from "
+            "perturbed parameters to the gradient there. Call "
+            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
+            "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
+        )
+    if params is None:
+        raise ValueError(
+            f"`eqx_norm.{name}(...).update` needs `params`, the current parameters: "
+            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
+        )
+    return grad_fn, params
+
+
 def sam(
     base_optimizer: optax.GradientTransformation,
     rho: ArrayLike | optax.Schedule = 0.05,
@@ -156,18 +174,7 @@ def sam(
         grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
-        if grad_fn is None:
-            raise ValueError(
-                "`eqx_norm.sam(...).update` needs `grad_fn=`: a function from "
-                "perturbed parameters to the gradient there. Call "
-                "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
-                "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
-            )
-        if params is None:
-            raise ValueError(
-                "`eqx_norm.sam(...).update` needs `params`, the current parameters: "
-                "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
-            )
+        grad_fn, params = check_update_args("sam", grad_fn, params)
         radius = rho(state.steps) if callable(rho) else rho
         perturbation = _perturbation(updates, params, radius, adaptive, eta, mask)
         perturbed = jax.tree.map(
