@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eqx_norm import data, experiments
-from eqx_norm.experiments import __main__ as cli
+from eqx_norm.experiments import __main__ as cli, _report
 from eqx_norm.experiments._run import _batch_indices, _loss_fn
 
 
@@ -105,3 +105,13 @@ def test_cnn_shapes_and_no_norm():
     )(x, state)
     assert log_probs.shape == (5, 10) and out.shape == (5, 512)
     np.testing.assert_allclose(jnp.sum(jnp.exp(log_probs), axis=1), 1, rtol=1e-5)
+
+
+def test_accuracy_panel_is_fitted_to_the_runs():
+    """Accuracies of 0.89 to 0.93 get an axis of about 0.885 to 0.935, not 0 to 1,
+    so that the differences between runs are visible; every value is inside."""
+    accuracy = [np.array([0.89, 0.91, 0.90]), np.array([0.92, 0.93, 0.925])]
+    lo, hi = _report.accuracy_limits(accuracy)
+    assert lo <= 0.89 and hi >= 0.93
+    assert hi - lo <= 1.25 * (0.93 - 0.89)
+    assert _report.accuracy_limits([np.array([1.0, 1.0])]) == (0.995, 1.0)

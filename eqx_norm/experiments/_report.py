@@ -91,6 +91,15 @@ def claims_table(results: Results, reference: str = "batch") -> str:
     return "\n".join(lines)
 
 
+def accuracy_limits(accuracy: list[np.ndarray]) -> tuple[float, float]:
+    """The y-limits of the accuracy panel: every seed's accuracy, with a margin of a
+    tenth of their spread (at least half a point), within [0, 1]."""
+    lo = float(min(a.min() for a in accuracy))
+    hi = float(max(a.max() for a in accuracy))
+    pad = max(0.1 * (hi - lo), 0.005)
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
 def plot(results: Results, path: str | Path) -> Path:
     """Plot the gradient norms, training loss, BatchNorm output statistics and test
     accuracy of every run, one colour per run, the line the median over seeds and the
@@ -136,18 +145,22 @@ def plot(results: Results, path: str | Path) -> Path:
     ax = axes.flat[5]
     labels = list(results.runs)
     accuracy = [np.asarray(results.runs[k]["test_accuracy"]) for k in labels]
-    ax.bar(
-        range(len(labels)),
-        [a.mean() for a in accuracy],
-        yerr=[
-            [a.mean() - a.min() for a in accuracy],
-            [a.max() - a.mean() for a in accuracy],
-        ],
-        color=[colours(i) for i in range(len(labels))],
-    )
+    # Points with the range over seeds, on an axis fitted to them: the runs differ
+    # by a few points of accuracy, which an axis from 0 to 1 would hide.
+    for i, a in enumerate(accuracy):
+        ax.errorbar(
+            [i],
+            [a.mean()],
+            yerr=[[a.mean() - a.min()], [a.max() - a.mean()]],
+            fmt="o",
+            color=colours(i),
+            capsize=4,
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title("test accuracy (held-out split)")
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_ylim(*accuracy_limits(accuracy))
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("test accuracy (held-out split): mean and range over seeds")
     c = results.config
     fig.suptitle(
         f"{c.dataset}: momentum {c.momentum}, {c.seeds} seeds, {c.steps} steps, "
