@@ -160,7 +160,7 @@ def plot(results: Results, path: str | Path) -> Path:
     ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set_ylim(*accuracy_limits(accuracy))
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title("test accuracy (held-out split): mean and range over seeds")
+    ax.set_title("test accuracy (held-out): mean, range over seeds")
     c = results.config
     fig.suptitle(
         f"{c.dataset}: momentum {c.momentum}, {c.seeds} seeds, {c.steps} steps, "
