@@ -1,5 +1,5 @@
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._looksam import LookSAMState
 from ._state import copy_state
+
+_PERTURBATIONS = ("whole-batch", "per-micro-batch")
 
 
 def _describe(x: Any) -> str:
@@ -62,6 +65,7 @@ def sam_step(
     axis_name: Hashable | Sequence[Hashable] | None = None,
     per_device_perturbation: bool = False,
     micro_batches: int = 1,
+    perturbation: Literal["whole-batch", "per-micro-batch"] = "whole-batch",
 ) -> Callable[..., tuple[Any, ...]]:
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
@@ -108,6 +112,16 @@ def sam_step(
     micro-batch losses, and an aux is that of each micro-batch, stacked on a leading
     axis of size `m`. With a plain optimizer this is plain gradient accumulation.
 
+    With `perturbation="per-micro-batch"` each micro-batch is perturbed by its own
+    gradient instead, and only the gradients at the perturbed points are averaged:
+    the SAM paper's m-sharpness, with m the micro-batch size, on one device. The
+    second pass is then one SAM perturbation per micro-batch, still one micro-batch
+    at a time; it keeps the `m` first-pass gradients (`m` copies of the parameters'
+    size) to do so. It needs an optimizer that makes exactly one second pass per
+    update, such as [`eqx_norm.sam`][] (SAM or ASAM, anywhere in a chain);
+    [`eqx_norm.looksam`][], which perturbs on some steps only, is refused. With
+    `axis_name`, each device's micro-batches are perturbed by their own gradients.
+
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)`, or
@@ -120,6 +134,8 @@ def sam_step(
         device's own gradient.
     - `micro_batches`: the number of micro-batches the batch is split into (1: the
         whole batch at once).
+    - `perturbation`: `"whole-batch"` (one perturbation from the mean gradient) or
+        `"per-micro-batch"` (one per micro-batch, from its own gradient).
 
     **Returns:**
 
@@ -132,8 +148,9 @@ def sam_step(
 
     When the step is traced, a `TypeError` naming `loss_fn` if it returns another
     structure than `has_aux` says, and a `ValueError` if `per_device_perturbation`
-    is given without `axis_name` or with an optimizer that makes no second pass, or
-    if `micro_batches` does not divide the batch.
+    is given without `axis_name`, if either per-device or per-micro-batch
+    perturbation is given an optimizer that makes no second pass (or, for the
+    latter, a LookSAM), or if `micro_batches` does not divide the batch.
     """
     if (
         not isinstance(micro_batches, int)
@@ -145,6 +162,14 @@ def sam_step(
             "`micro_batches=4`."
         )
 
+    if perturbation not in _PERTURBATIONS:
+        raise ValueError(
+            f"`perturbation` must be one of {_PERTURBATIONS}, got {perturbation!r}; "
+            'e.g. `perturbation="per-micro-batch"` for one perturbation per '
+            "micro-batch."
+        )
+    per_micro_batch = perturbation == "per-micro-batch"
+    local = per_device_perturbation or per_micro_batch
     if per_device_perturbation and axis_name is None:
         raise ValueError(
             "`per_device_perturbation=True` needs the data axis: pass `axis_name=` "
@@ -168,10 +193,23 @@ def sam_step(
             loss, rest, grads, gradient_at = _whole_batch(
                 loss_and_rest, params, state, batch
             )
+            parts = None
         else:
-            loss, rest, grads, gradient_at = _in_micro_batches(
+            loss, rest, grads, gradient_at, parts = _in_micro_batches(
                 loss_and_rest, params, state, batch, micro_batches, has_aux
             )
+        if per_micro_batch and _has_looksam(opt_state):
+            raise ValueError(
+                '`perturbation="per-micro-batch"` needs an optimizer that perturbs '
+                "on every step, such as `eqx_norm.sam(...)`; `eqx_norm.looksam` "
+                "perturbs on some steps only. Use the whole-batch perturbation "
+                "with LookSAM."
+            )
+        if per_micro_batch and parts is not None:
+            perturbed_mean = _perturbed_per_micro_batch(
+                loss_and_rest, optimizer, opt_state, params, parts, micro_batches
+            )
+            gradient_at = lambda _: perturbed_mean  # noqa: E731
         second_passes = []
 
         def grad_fn(perturbed):
@@ -179,16 +217,21 @@ def sam_step(
             return mean(gradient_at(perturbed))
 
         updates, opt_state = optimizer.update(
-            grads if per_device_perturbation else mean(grads),
+            grads if local and micro_batches == 1 else mean(grads),
             opt_state,
             params,
             grad_fn=grad_fn,
         )
-        if per_device_perturbation and not second_passes:
+        if local and len(second_passes) != 1:
+            flag = (
+                'perturbation="per-micro-batch"'
+                if per_micro_batch
+                else "per_device_perturbation=True"
+            )
             raise ValueError(
-                "`per_device_perturbation=True` needs an optimizer that perturbs, "
-                "such as `eqx_norm.sam(...)`: this one made no second pass, so each "
-                "device would apply its own unaveraged gradient."
+                f"`{flag}` needs an optimizer that perturbs, such as "
+                f"`eqx_norm.sam(...)`: this one made {len(second_passes)} second "
+                "passes, not one."
             )
         model = eqx.apply_updates(model, updates)
         if has_aux:
@@ -236,9 +279,11 @@ def _whole_batch(loss_and_rest, params, state, batch):
 
 def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
     """As `_whole_batch`, over `m` micro-batches in turn: the mean loss, the final
-    state (with each micro-batch's aux, stacked), the mean gradient, and
+    state (with each micro-batch's aux, stacked), the mean gradient,
     `gradient_at(p)`, the mean gradient at `p` with each micro-batch evaluated from
-    the state it saw in the first pass."""
+    the state it saw in the first pass, and the parts a per-micro-batch
+    perturbation needs: the micro-batches, the states they saw and their
+    gradients, each stacked on a leading axis of size `m`."""
     micro = _split(batch, m)
     value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
 
@@ -247,10 +292,10 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
         seen = copy_state(state)
         (loss, rest), grads = value_and_grad(params, copy_state(state), mb)
         new_state, aux = rest if has_aux else (rest, None)
-        return (new_state, _add(total, grads)), (loss, aux, seen)
+        return (new_state, _add(total, grads)), (loss, aux, seen, grads)
 
     zero = jax.tree.map(jnp.zeros_like, params)
-    (state, total), (losses, auxes, seen) = jax.lax.scan(
+    (state, total), (losses, auxes, seen, each) = jax.lax.scan(
         first, (copy_state(state), zero), micro
     )
 
@@ -267,4 +312,39 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
 
     grads = jax.tree.map(lambda g: g / m, total)
     rest = (state, auxes) if has_aux else state
-    return jnp.mean(losses), rest, grads, gradient_at
+    return jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each)
+
+
+def _has_looksam(opt_state) -> bool:
+    is_looksam = lambda s: isinstance(s, LookSAMState)  # noqa: E731
+    return any(map(is_looksam, jax.tree.leaves(opt_state, is_leaf=is_looksam)))
+
+
+def _perturbed_per_micro_batch(loss_and_rest, optimizer, opt_state, params, parts, m):
+    """The mean over micro-batches of the gradient at each one's own perturbed
+    point: the optimizer's update is run once per micro-batch on its gradient (in a
+    `lax.scan`, one micro-batch at a time), only to catch the point its `grad_fn`
+    is called at; its updates are dropped, and XLA removes what only they use."""
+    micro, seen, each = parts
+
+    def one(total, part):
+        mb, mb_state, grads = part
+        found = []
+
+        def grad_fn(perturbed):
+            loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
+            found.append(jax.grad(loss_at)(perturbed))
+            return found[-1]
+
+        optimizer.update(grads, opt_state, params, grad_fn=grad_fn)
+        if len(found) != 1:
+            raise ValueError(
+                '`perturbation="per-micro-batch"` needs an optimizer that perturbs, '
+                f"such as `eqx_norm.sam(...)`: this one made {len(found)} second "
+                "passes, not one."
+            )
+        return _add(total, found[0]), None
+
+    zero = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(one, zero, (micro, seen, each))
+    return jax.tree.map(lambda g: g / m, total)

@@ -306,6 +306,45 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
         eqx_norm.sam_step(loss_fn, opt, per_device_perturbation=True)
 
 
+@pytest.mark.parametrize("perturbation", ["whole-batch", "per-micro-batch"])
+def test_micro_batches_inside_shard_map_equal_one_device(perturbation, getkey):
+    """Two micro-batches of 2 examples on each of 8 devices. With whole-batch
+    perturbation and synchronised BatchNorm, micro-batch i is the union over
+    devices of each device's i-th: one device with 2 micro-batches of the batch
+    reordered that way. Per micro-batch (no BatchNorm), each device's micro-batches
+    are perturbed by their own gradients: one device with 16 micro-batches."""
+    key = getkey()
+    per = perturbation == "per-micro-batch"
+    opt = eqx_norm.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+    ref, ref_state = eqx.nn.make_with_state(net)("batch", key, norm=not per)
+    model, state = eqx.nn.make_with_state(net)(("data", "batch"), key, norm=not per)
+    ref_step = eqx.filter_jit(
+        eqx_norm.sam_step(
+            loss_fn, opt, micro_batches=16 if per else 2, perturbation=perturbation
+        )
+    )
+    inner = eqx_norm.sam_step(
+        loss_fn, opt, axis_name="data", micro_batches=2, perturbation=perturbation
+    )
+    mapped, static = _shard_mapped(inner, model, mesh())
+    params, _ = eqx.partition(model, eqx.is_array)
+    ref_opt = opt.init(eqx.filter(ref, eqx.is_inexact_array))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    # Row 4d + 2i + j (device d, micro-batch i, example j) to row 16i + 2d + j.
+    order = np.arange(32).reshape(8, 2, 2).transpose(1, 0, 2).reshape(-1)
+    for _ in range(2):
+        x, y = _data(getkey())
+        params, state, opt_state, loss = mapped(params, state, opt_state, x, y)
+        if not per:
+            x, y = x[order], y[order]
+        ref, ref_state, ref_opt, ref_loss = ref_step(ref, ref_state, ref_opt, x, y)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(params), _params(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_uneven_batch_is_a_clear_error():
     m = mesh()
     with pytest.raises(ValueError, match="batch of 60 does not split evenly over 8"):
