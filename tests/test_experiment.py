@@ -115,3 +115,62 @@ def test_accuracy_panel_is_fitted_to_the_runs():
     assert lo <= 0.89 and hi >= 0.93
     assert hi - lo <= 1.25 * (0.93 - 0.89)
     assert _report.accuracy_limits([np.array([1.0, 1.0])]) == (0.995, 1.0)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
+    """`python -m eqx_norm.experiments sam` at a tiny budget: every method runs, the
+    outputs have their shapes, and the summary is the figures' own arithmetic."""
+    argv = ["sam", "--dataset", "digits", "--steps", "4", "--seeds", "2"]
+    argv += ["--evaluations", "1", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    methods = ("adam", "sam", "asam", "looksam", "sam-per-micro-batch")
+    for method in methods:
+        assert method in printed
+    assert "sam beats adam:" in printed and "looksam costs at most 1.3x" in printed
+    assert (tmp_path / "sam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "table.txt").read_text() in printed
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert tuple(payload["runs"]) == methods
+    assert payload["config"]["steps"] == 4 and payload["versions"]["jax"]
+    for method, run in payload["runs"].items():
+        assert np.asarray(run["loss"]).shape == (2, 4)
+        assert run["eval_steps"] == [4]
+        error = np.asarray(run["test_error"])
+        assert error.shape == (1, 2) and np.all((error > 0) & (error < 1))
+        assert np.all(np.asarray(run["train_seconds"]) > 0)
+        row = payload["summary"]["methods"][method]
+        np.testing.assert_allclose(row["test_error"], error[-1].mean())
+        np.testing.assert_allclose(row["test_error_std"], error[-1].std())
+        base = np.median(payload["runs"]["adam"]["seconds_per_step"])
+        np.testing.assert_allclose(
+            row["time_per_step_vs_base"], np.median(run["seconds_per_step"]) / base
+        )
+    # Same seeds, same first batch, an unperturbed first pass on the whole batch:
+    # the same step-1 loss for all but the per-micro-batch method, whose first pass
+    # normalises each micro-batch by its own statistics.
+    first = {m: np.asarray(r["loss"])[:, 0] for m, r in payload["runs"].items()}
+    for method in ("sam", "asam", "looksam"):
+        np.testing.assert_allclose(first[method], first["adam"], rtol=1e-6)
+    assert not np.allclose(first["sam-per-micro-batch"], first["adam"], rtol=1e-6)
+    assert payload["summary"]["claims"].keys() == {
+        "sam beats adam",
+        "asam beats adam",
+        "looksam costs at most 1.3x adam",
+        "looksam keeps most of sam's gain",
+    }
+
+
+def test_sam_comparison_config_errors(capsys):
+    with pytest.raises(ValueError, match="Unknown method 'lookasm'"):
+        experiments.SAMConfig(methods=("lookasm",))
+    with pytest.raises(ValueError, match=r"`batch_size` \(60\) must be a multiple"):
+        experiments.SAMConfig(batch_size=60, micro_batches=8)
+    with pytest.raises(ValueError, match="`every` must be at least 1"):
+        experiments.SAMConfig(every=0)
+    with pytest.raises(SystemExit):
+        cli.main(["sam", "--methods", "lookasm"])
+    assert "invalid choice: 'lookasm'" in capsys.readouterr().err
+    assert cli.main(["sam", "--dataset", "mnist", "--data-dir", "/nonexistent"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -261,4 +261,8 @@ def test_unknown_perturbation_is_refused():
     # Under the test suite's runtime type checks the Literal annotation refuses it
     # first; without them, the step's own check does.
     with pytest.raises((ValueError, TypeError), match="perturbation"):
-        eqx_norm.sam_step(mse_loss, optax.sgd(0.1), perturbation="per-example")
+        eqx_norm.sam_step(
+            mse_loss,
+            optax.sgd(0.1),
+            perturbation="per-example",  # pyright: ignore[reportArgumentType]
+        )

@@ -11,6 +11,16 @@ experiments.save_results(results, "results")
 ```
 
 From the shell: `python -m eqx_norm.experiments --help`.
+
+The SAM comparison (base optimizer, SAM, ASAM, LookSAM, per-micro-batch SAM):
+
+```python
+results = experiments.run_sam_comparison(experiments.SAMConfig(steps=100))
+print(experiments.sam_table(results))
+experiments.save_sam_results(results, "results/sam")
+```
+
+From the shell: `python -m eqx_norm.experiments sam --help`.
 """
 
 from ._model import CNN as CNN, loss_fn as loss_fn
@@ -27,17 +37,33 @@ from ._run import (
     run as run,
     run_label as run_label,
 )
+from ._sam_comparison import (
+    SAMConfig as SAMConfig,
+    SAMResults as SAMResults,
+    plot_sam as plot_sam,
+    run_sam_comparison as run_sam_comparison,
+    sam_table as sam_table,
+    save_sam_results as save_sam_results,
+    summary as sam_summary,
+)
 
 __all__ = [
     "CNN",
     "Config",
     "DEFAULT_APPROACHES",
     "Results",
+    "SAMConfig",
+    "SAMResults",
     "claims",
     "claims_table",
     "loss_fn",
     "plot",
     "run",
+    "plot_sam",
     "run_label",
+    "run_sam_comparison",
+    "sam_summary",
+    "sam_table",
     "save_results",
+    "save_sam_results",
 ]

@@ -1,0 +1,331 @@
+"""Whole training steps of models users train, each built three times: with
+eqx_norm.BatchNorm, with eqx.nn.BatchNorm (mode="batch"), and as a Flax linen model
+with Flax's BatchNorm in its native channels-last layout. One step is the forward
+and backward pass, the Adam update and the BatchNorm state update, under jax.jit.
+
+    python benchmarks/bench_models.py [--rounds 30] [--models mlp cnn resnet]
+
+Models: (a) an MLP 784-512-BN-ReLU-512-BN-ReLU-10 at batch 128; (b) the
+experiment's CNN (Conv 1->3, MaxPool, Linear 1728->512, BN, Linear 512->64,
+Linear 64->10) at batch 64; (c) a small residual CNN (three stages of two
+Conv-BN-ReLU residual blocks with 16/32/64 channels, 32x32x3 input) at batch 64.
+
+Printed: the step time of each relative to eqx_norm's (medians of per-round ratios,
+interleaved), the median of several fresh compiles relative to eqx_norm's, XLA's
+temporary memory of each compiled step, and the number of kernels XLA:CPU runs
+(top-level instructions of the compiled program other than parameters, constants,
+tuples and bitcasts).
+"""
+
+import argparse
+import re
+import statistics
+from collections.abc import Callable
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from _timing import compile_seconds, interleaved, median, ratio, table, temp_bytes
+
+import eqx_norm
+
+PEERS = ("eqx_norm", "equinox", "flax")
+
+
+def norm_layer(kind: str, channels: int):
+    if kind == "eqx_norm":
+        return eqx_norm.BatchNorm(channels, "batch", momentum=0.9)
+    return eqx.nn.BatchNorm(channels, "batch", momentum=0.9, mode="batch")
+
+
+# ------------------------------------------------------------ Equinox models
+
+
+class MLP(eqx.Module):
+    layers: tuple
+
+    def __init__(self, norm: str, key):
+        k = jax.random.split(key, 3)
+        self.layers = (
+            eqx.nn.Linear(784, 512, use_bias=False, key=k[0]),
+            norm_layer(norm, 512),
+            eqx.nn.Linear(512, 512, use_bias=False, key=k[1]),
+            norm_layer(norm, 512),
+            eqx.nn.Linear(512, 10, key=k[2]),
+        )
+
+    def __call__(self, x, state):
+        lin1, bn1, lin2, bn2, out = self.layers
+        x, state = bn1(lin1(jnp.ravel(x)), state)
+        x, state = bn2(lin2(jax.nn.relu(x)), state)
+        return out(jax.nn.relu(x)), state
+
+
+class CNN(eqx.Module):
+    conv: eqx.nn.Conv2d
+    fc1: eqx.nn.Linear
+    norm: eqx.Module
+    fc2: eqx.nn.Linear
+    fc3: eqx.nn.Linear
+
+    def __init__(self, norm: str, key):
+        k = jax.random.split(key, 4)
+        self.conv = eqx.nn.Conv2d(1, 3, kernel_size=4, key=k[0])
+        self.fc1 = eqx.nn.Linear(1728, 512, key=k[1])
+        self.norm = norm_layer(norm, 512)
+        self.fc2 = eqx.nn.Linear(512, 64, key=k[2])
+        self.fc3 = eqx.nn.Linear(64, 10, key=k[3])
+
+    def __call__(self, x, state):
+        h = jax.nn.relu(eqx.nn.MaxPool2d(2)(self.conv(x)))
+        h, state = self.norm(self.fc1(jnp.ravel(h)), state)
+        h = jax.nn.relu(self.fc2(jax.nn.relu(h)))
+        return self.fc3(h), state
+
+
+class Block(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    bn1: eqx.Module
+    conv2: eqx.nn.Conv2d
+    bn2: eqx.Module
+    skip: eqx.nn.Conv2d | None
+
+    def __init__(self, norm: str, cin: int, cout: int, stride: int, key):
+        k = jax.random.split(key, 3)
+        conv = dict(kernel_size=3, padding=1, use_bias=False)
+        self.conv1 = eqx.nn.Conv2d(cin, cout, stride=stride, key=k[0], **conv)
+        self.bn1 = norm_layer(norm, cout)
+        self.conv2 = eqx.nn.Conv2d(cout, cout, key=k[1], **conv)
+        self.bn2 = norm_layer(norm, cout)
+        self.skip = (
+            eqx.nn.Conv2d(cin, cout, 1, stride=stride, use_bias=False, key=k[2])
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def __call__(self, x, state):
+        h, state = self.bn1(self.conv1(x), state)
+        h, state = self.bn2(self.conv2(jax.nn.relu(h)), state)
+        skip = x if self.skip is None else self.skip(x)
+        return jax.nn.relu(h + skip), state
+
+
+class ResNet(eqx.Module):
+    stem: eqx.nn.Conv2d
+    bn: eqx.Module
+    blocks: tuple
+    head: eqx.nn.Linear
+
+    def __init__(self, norm: str, key):
+        k = jax.random.split(key, 8)
+        self.stem = eqx.nn.Conv2d(3, 16, 3, padding=1, use_bias=False, key=k[0])
+        self.bn = norm_layer(norm, 16)
+        blocks, cin, i = [], 16, 1
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for s in (stride, 1):
+                blocks.append(Block(norm, cin, cout, s, k[i]))
+                cin, i = cout, i + 1
+        self.blocks = tuple(blocks)
+        self.head = eqx.nn.Linear(64, 10, key=k[7])
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.stem(x), state)
+        h = jax.nn.relu(h)
+        for block in self.blocks:
+            h, state = block(h, state)
+        return self.head(jnp.mean(h, axis=(1, 2))), state
+
+
+def _cross_entropy(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def equinox_step(model_cls, norm: str, x, y):
+    """A jitted step of an Equinox model and its arrays, as `(jitted, args)`."""
+    model, state = eqx.nn.make_with_state(model_cls)(norm, jax.random.key(0))
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(params, state, opt_state, x, y):
+        def loss(params):
+            batch_model = jax.vmap(
+                eqx.combine(params, static),
+                in_axes=(0, None),
+                out_axes=(0, None),
+                axis_name="batch",
+            )
+            logits, new_state = batch_model(x, state)
+            return _cross_entropy(logits, y), new_state
+
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, value
+
+    return jax.jit(step, donate_argnums=()), (params, state, opt_state, x, y)
+
+
+# --------------------------------------------------------------- Flax models
+
+
+class FlaxMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = x.reshape((x.shape[0], -1))
+        for _ in range(2):
+            x = nn.Dense(512, use_bias=False)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(10)(x)
+
+
+class FlaxCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        h = nn.Conv(3, (4, 4), padding="VALID")(x)
+        h = nn.relu(nn.max_pool(h, (2, 2), strides=(1, 1)))
+        h = nn.Dense(512)(h.reshape((h.shape[0], -1)))
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+        h = nn.relu(nn.Dense(64)(nn.relu(h)))
+        return nn.Dense(10)(h)
+
+
+class FlaxBlock(nn.Module):
+    channels: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+        s = (self.stride, self.stride)
+        h = nn.Conv(self.channels, (3, 3), s, padding=1, use_bias=False)(x)
+        h = nn.relu(bn()(h))
+        h = bn()(nn.Conv(self.channels, (3, 3), padding=1, use_bias=False)(h))
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), s, use_bias=False)(x)
+        return nn.relu(h + x)
+
+
+class FlaxResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        h = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+        for channels, stride in ((16, 1), (32, 2), (64, 2)):
+            for s in (stride, 1):
+                h = FlaxBlock(channels, s)(h, train)
+        return nn.Dense(10)(jnp.mean(h, axis=(1, 2)))
+
+
+def flax_step(module, x, y):
+    """A jitted step of a Flax model on channels-last input, as `(jitted, args)`."""
+    x = jnp.moveaxis(x, 1, -1) if x.ndim == 4 else x
+    variables = module.init(jax.random.key(0), x)
+    params, stats = variables["params"], variables["batch_stats"]
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params)
+
+    def step(params, stats, opt_state, x, y):
+        def loss(params):
+            logits, updates = module.apply(
+                {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
+            )
+            return _cross_entropy(logits, y), updates["batch_stats"]
+
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, value
+
+    return jax.jit(step), (params, stats, opt_state, x, y)
+
+
+MODELS = {
+    "mlp": ("MLP 784-512-BN-512-BN-10", MLP, FlaxMLP, (128, 1, 28, 28)),
+    "cnn": ("experiment's CNN", CNN, FlaxCNN, (64, 1, 28, 28)),
+    "resnet": ("residual CNN 16/32/64", ResNet, FlaxResNet, (64, 3, 32, 32)),
+}
+
+
+def kernels(compiled) -> int:
+    """Top-level instructions of the compiled program's entry computation, other
+    than parameters, constants, tuples and bitcasts: the kernels XLA:CPU runs."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    skip = re.compile(r"= \S+ (parameter|constant|tuple|get-tuple-element|bitcast)\(")
+    return sum(
+        1 for line in entry.splitlines()[1:] if " = " in line and not skip.search(line)
+    )
+
+
+def builds(name: str) -> dict[str, Callable[[], tuple]]:
+    _, eqx_cls, flax_cls, shape = MODELS[name]
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, shape)
+    y = jax.random.randint(ky, (shape[0],), 0, 10)
+    return {
+        "eqx_norm": lambda: equinox_step(eqx_cls, "eqx_norm", x, y),
+        "equinox": lambda: equinox_step(eqx_cls, "equinox", x, y),
+        "flax": lambda: flax_step(flax_cls(), x, y),
+    }
+
+
+def bench_model(name: str, rounds: int, compiles: int = 3):
+    programs, compile_times, memory, counts = {}, {}, {}, {}
+    for peer, build in builds(name).items():
+        seconds = []
+        for _ in range(compiles):  # fresh compiles: a new jit object each time
+            jitted, args = build()
+            took, compiled = compile_seconds(jitted, *args)
+            seconds.append(took)
+        compile_times[peer] = statistics.median(seconds)
+        memory[peer] = temp_bytes(compiled)
+        counts[peer] = kernels(compiled)
+        programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
+    times = interleaved(programs, rounds=rounds)
+    rows = []
+    for peer in PEERS:
+        rows.append(
+            [
+                peer,
+                f"{median(times[peer]) * 1e3:.2f}",
+                f"{ratio(times, peer, 'eqx_norm'):.2f}",
+                f"{compile_times[peer] / compile_times['eqx_norm']:.2f}",
+                f"{memory[peer] / 2**20:.1f}",
+                str(counts[peer]),
+            ]
+        )
+    return rows, times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    args = parser.parse_args()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for name in args.models:
+        rows, times = bench_model(name, args.rounds)
+        ours = {p: ratio(times, "eqx_norm", p) for p in PEERS[1:]}
+        print(
+            f"\n{MODELS[name][0]}: eqx_norm's step is {ours['equinox']:.2f}x "
+            f"Equinox's, {ours['flax']:.2f}x Flax's"
+        )
+        print(
+            table(
+                rows,
+                [
+                    "model",
+                    "ms (median)",
+                    "time / eqx_norm",
+                    "compile / eqx_norm",
+                    "temp MiB",
+                    "kernels",
+                ],
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
