@@ -5,8 +5,8 @@ ratios.
 
     python benchmarks/bench_training.py [--rounds 30]
 
-Also five consecutive steps of SAM, LookSAM (every=5) and SAM over 4 micro-batches
-against five plain steps.
+Also five consecutive steps of SAM, LookSAM (every=5), SAM over 4 micro-batches
+(one perturbation, or one per micro-batch) against five plain steps.
 """
 
 import argparse
@@ -32,11 +32,15 @@ def _step(model, state, optimizer, x, y):
     return jitted, dynamic
 
 
-def _five_steps(model, state, optimizer, x, y, micro_batches=1):
+def _five_steps(
+    model, state, optimizer, x, y, micro_batches=1, perturbation="whole-batch"
+):
     """Five consecutive steps in one program (a `lax.scan`), so that LookSAM's
     one-in-five second pass is averaged over its period."""
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    step = eqx_norm.sam_step(loss_fn, optimizer, micro_batches=micro_batches)
+    step = eqx_norm.sam_step(
+        loss_fn, optimizer, micro_batches=micro_batches, perturbation=perturbation
+    )
     args = (model, state, opt_state)
     dynamic, static = eqx.partition(args, eqx.is_array)
 
@@ -50,8 +54,8 @@ def _five_steps(model, state, optimizer, x, y, micro_batches=1):
 
 
 def cheaper_sam(model, state, x, y, rounds):
-    """Five steps of: plain Adam, SAM, LookSAM (every=5), and SAM and plain Adam
-    over 4 micro-batches."""
+    """Five steps of: plain Adam, SAM, LookSAM (every=5), and SAM (perturbed once,
+    or per micro-batch) and plain Adam over 4 micro-batches."""
     adam = optax.adam(3e-3)
     programs = {
         "plain": _five_steps(model, state, adam, x, y),
@@ -61,6 +65,9 @@ def cheaper_sam(model, state, x, y, rounds):
         ),
         "SAM, 4 micro-batches": _five_steps(
             model, state, eqx_norm.sam(adam), x, y, micro_batches=4
+        ),
+        "SAM per micro-batch, 4": _five_steps(
+            model, state, eqx_norm.sam(adam), x, y, 4, "per-micro-batch"
         ),
         "plain, 4 micro-batches": _five_steps(model, state, adam, x, y, 4),
     }
