@@ -4,6 +4,7 @@ the per-round ratios. Machines are shared and noisy: compare ratios within one r
 not absolute times."""
 
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -55,6 +56,18 @@ def temp_bytes(compiled) -> int:
     """Peak temporary memory of a compiled program, from XLA's memory analysis."""
     analysis = compiled.memory_analysis()
     return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis else 0
+
+
+def kernels(compiled) -> int:
+    """Top-level instructions of the compiled program's entry computation, other
+    than parameters, constants, tuples and bitcasts: the kernels XLA:CPU runs."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    skip = re.compile(r"= \S+ (parameter|constant|tuple|get-tuple-element|bitcast)\(")
+    return sum(
+        1 for line in entry.splitlines()[1:] if " = " in line and not skip.search(line)
+    )
 
 
 def table(rows: list[list[str]], head: list[str]) -> str:

@@ -13,7 +13,15 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from _timing import compile_seconds, interleaved, median, ratio, table, temp_bytes
+from _timing import (
+    compile_seconds,
+    interleaved,
+    kernels,
+    median,
+    ratio,
+    table,
+    temp_bytes,
+)
 
 import eqx_norm
 
@@ -133,6 +141,7 @@ def bench_shape(shape, dtype, rounds):
     for name, build in builders.items():
         compile_s[name], fn, args, program = _compile(build)
         memory[name] = temp_bytes(program)
+        memory[f"{name} kernels"] = kernels(program)
         compiled[name] = lambda fn=fn, args=args: fn(*args)
     return interleaved(compiled, rounds=rounds), compile_s, memory
 
@@ -240,13 +249,17 @@ def main():
                     f"{ratio(times, 'eqx_norm', 'proxy'):.2f}",
                     f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
                     f"{comp['eqx_norm']:.2f} / {comp['equinox']:.2f}",
+                    " / ".join(
+                        str(mem[f"{k} kernels"])
+                        for k in ("eqx_norm", "equinox", "flax")
+                    ),
                 ]
             )
             print(
                 f"{shape} {jnp.dtype(dtype).name}: "
                 + ", ".join(f"{k} {median(v) * 1e3:.2f} ms" for k, v in times.items())
                 + "; temp bytes "
-                + ", ".join(f"{k} {v}" for k, v in mem.items()),
+                + ", ".join(f"{k} {v}" for k, v in mem.items() if "kernels" not in k),
                 flush=True,
             )
     print()
@@ -262,6 +275,7 @@ def main():
                 "/ proxy",
                 "temp mem / flax",
                 "compile s (ours / equinox)",
+                "kernels (ours / equinox / flax)",
             ],
         )
     )

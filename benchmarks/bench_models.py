@@ -11,14 +11,14 @@ Linear 64->10) at batch 64; (c) a small residual CNN (three stages of two
 Conv-BN-ReLU residual blocks with 16/32/64 channels, 32x32x3 input) at batch 64.
 
 Printed: the step time of each relative to eqx_norm's (medians of per-round ratios,
-interleaved), the median of several fresh compiles relative to eqx_norm's, XLA's
-temporary memory of each compiled step, and the number of kernels XLA:CPU runs
-(top-level instructions of the compiled program other than parameters, constants,
-tuples and bitcasts).
+interleaved); what BatchNorm costs in the step ("BN ms": the median step less the
+median step of the same framework's model without normalisation, also timed); the
+median of three fresh compiles relative to eqx_norm's; XLA's temporary memory of
+each compiled step; and the number of kernels XLA:CPU runs (top-level instructions
+of the compiled program other than parameters, constants, tuples and bitcasts).
 """
 
 import argparse
-import re
 import statistics
 from collections.abc import Callable
 
@@ -27,14 +27,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import compile_seconds, interleaved, median, ratio, table, temp_bytes
+from _timing import (
+    compile_seconds,
+    interleaved,
+    kernels,
+    median,
+    ratio,
+    table,
+    temp_bytes,
+)
 
 import eqx_norm
 
 PEERS = ("eqx_norm", "equinox", "flax")
 
 
+class NoNorm(eqx.Module):
+    """No normalisation, for the floor: the model's step without BatchNorm."""
+
+    def __call__(self, x, state):
+        return x, state
+
+
 def norm_layer(kind: str, channels: int):
+    if kind == "none":
+        return NoNorm()
     if kind == "eqx_norm":
         return eqx_norm.BatchNorm(channels, "batch", momentum=0.9)
     return eqx.nn.BatchNorm(channels, "batch", momentum=0.9, mode="batch")
@@ -170,23 +187,33 @@ def equinox_step(model_cls, norm: str, x, y):
 # --------------------------------------------------------------- Flax models
 
 
+def flax_norm(norm: bool, train: bool):
+    if not norm:
+        return lambda x: x
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+
+
 class FlaxMLP(nn.Module):
+    norm: bool = True
+
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.reshape((x.shape[0], -1))
         for _ in range(2):
             x = nn.Dense(512, use_bias=False)(x)
-            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+            x = nn.relu(flax_norm(self.norm, train)(x))
         return nn.Dense(10)(x)
 
 
 class FlaxCNN(nn.Module):
+    norm: bool = True
+
     @nn.compact
     def __call__(self, x, train: bool = True):
         h = nn.Conv(3, (4, 4), padding="VALID")(x)
         h = nn.relu(nn.max_pool(h, (2, 2), strides=(1, 1)))
         h = nn.Dense(512)(h.reshape((h.shape[0], -1)))
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+        h = flax_norm(self.norm, train)(h)
         h = nn.relu(nn.Dense(64)(nn.relu(h)))
         return nn.Dense(10)(h)
 
@@ -194,10 +221,11 @@ class FlaxCNN(nn.Module):
 class FlaxBlock(nn.Module):
     channels: int
     stride: int
+    norm: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+        bn = lambda: flax_norm(self.norm, train)  # noqa: E731
         s = (self.stride, self.stride)
         h = nn.Conv(self.channels, (3, 3), s, padding=1, use_bias=False)(x)
         h = nn.relu(bn()(h))
@@ -208,13 +236,15 @@ class FlaxBlock(nn.Module):
 
 
 class FlaxResNet(nn.Module):
+    norm: bool = True
+
     @nn.compact
     def __call__(self, x, train: bool = True):
         h = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
-        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+        h = nn.relu(flax_norm(self.norm, train)(h))
         for channels, stride in ((16, 1), (32, 2), (64, 2)):
             for s in (stride, 1):
-                h = FlaxBlock(channels, s)(h, train)
+                h = FlaxBlock(channels, s, self.norm)(h, train)
         return nn.Dense(10)(jnp.mean(h, axis=(1, 2)))
 
 
@@ -222,7 +252,7 @@ def flax_step(module, x, y):
     """A jitted step of a Flax model on channels-last input, as `(jitted, args)`."""
     x = jnp.moveaxis(x, 1, -1) if x.ndim == 4 else x
     variables = module.init(jax.random.key(0), x)
-    params, stats = variables["params"], variables["batch_stats"]
+    params, stats = variables["params"], variables.get("batch_stats", {})
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)
 
@@ -231,7 +261,7 @@ def flax_step(module, x, y):
             logits, updates = module.apply(
                 {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
             )
-            return _cross_entropy(logits, y), updates["batch_stats"]
+            return _cross_entropy(logits, y), updates.get("batch_stats", {})
 
         (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -247,18 +277,6 @@ MODELS = {
 }
 
 
-def kernels(compiled) -> int:
-    """Top-level instructions of the compiled program's entry computation, other
-    than parameters, constants, tuples and bitcasts: the kernels XLA:CPU runs."""
-    text = compiled.as_text()
-    entry = text[text.index("\nENTRY ") :]
-    entry = entry[: entry.index("\n}")]
-    skip = re.compile(r"= \S+ (parameter|constant|tuple|get-tuple-element|bitcast)\(")
-    return sum(
-        1 for line in entry.splitlines()[1:] if " = " in line and not skip.search(line)
-    )
-
-
 def builds(name: str) -> dict[str, Callable[[], tuple]]:
     _, eqx_cls, flax_cls, shape = MODELS[name]
     kx, ky = jax.random.split(jax.random.key(1))
@@ -268,6 +286,8 @@ def builds(name: str) -> dict[str, Callable[[], tuple]]:
         "eqx_norm": lambda: equinox_step(eqx_cls, "eqx_norm", x, y),
         "equinox": lambda: equinox_step(eqx_cls, "equinox", x, y),
         "flax": lambda: flax_step(flax_cls(), x, y),
+        "equinox, no BN": lambda: equinox_step(eqx_cls, "none", x, y),
+        "flax, no BN": lambda: flax_step(flax_cls(norm=False), x, y),
     }
 
 
@@ -284,13 +304,19 @@ def bench_model(name: str, rounds: int, compiles: int = 3):
         counts[peer] = kernels(compiled)
         programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
     times = interleaved(programs, rounds=rounds)
+    floor = {"eqx_norm": "equinox, no BN", "equinox": "equinox, no BN"}
+    floor["flax"] = "flax, no BN"
     rows = []
-    for peer in PEERS:
+    for peer in programs:
+        cost = "-"
+        if peer in floor:
+            cost = f"{(median(times[peer]) - median(times[floor[peer]])) * 1e3:.2f}"
         rows.append(
             [
                 peer,
                 f"{median(times[peer]) * 1e3:.2f}",
                 f"{ratio(times, peer, 'eqx_norm'):.2f}",
+                cost,
                 f"{compile_times[peer] / compile_times['eqx_norm']:.2f}",
                 f"{memory[peer] / 2**20:.1f}",
                 str(counts[peer]),
@@ -319,6 +345,7 @@ def main():
                     "model",
                     "ms (median)",
                     "time / eqx_norm",
+                    "BN ms",
                     "compile / eqx_norm",
                     "temp MiB",
                     "kernels",
