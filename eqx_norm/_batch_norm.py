@@ -11,7 +11,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
-from ._kernels import affine, expand, local_moments, masked_sums
+from ._kernels import affine, expand, local_sums, masked_sums
 
 
 def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
@@ -564,13 +564,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
         if mask is None and groups is None:
             # Two independent psums, which XLA combines into one all-reduce.
-            mean, second = lax.pmean(
-                local_moments(x, shift, axis, dtype), self.axis_name
-            )
-            return (mean, second, shift), n
+            first, second = lax.psum(local_sums(x, shift, axis, dtype), self.axis_name)
+            return (first / n, second / n, shift), n
         if mask is None:
-            mean, second = local_moments(x, shift, axis, dtype)
-            sums = (mean, second, jnp.ones((), dtype))
+            first, second = local_sums(x, shift, axis, dtype)
+            per_example = math.prod(x.shape) // self.input_size
+            sums = (first, second, jnp.asarray(per_example, dtype))
         else:
             sums = masked_sums(x, shift, mask, axis, dtype)
         if groups is not None:
@@ -581,7 +580,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         first, second, count = lax.psum(sums, self.axis_name)
         safe = jnp.maximum(count, 1)
         moments = (_over(first, safe), _over(second, safe), shift)
-        # Without a mask the sums are of per-example means, and `n` is static.
+        # Without a mask `n` is static.
         return moments, n if mask is None else count.astype(jnp.int32)
 
     def _one_value_per_channel(self, groups):

@@ -4,8 +4,9 @@ The maths of [`eqx_norm.BatchNorm`][] is in `_batch_norm.py`; this module holds 
 the shapes of code that make XLA fuse those passes well, each justified by the
 benchmarks in `benchmarks/` (see their README):
 
-- `local_moments`: the per-example sums of the forward pass, each reduction reading
-  the input alone, rematerialised in the backward pass instead of stored;
+- `local_sums`: the per-example sums of the forward pass, each reduction reading
+  the input alone, rematerialised in the backward pass instead of stored, and
+  divided by the count only after the sum over the batch;
 - `affine`: the output `x * scale + offset` with a hand-written derivative (a
   `jax.custom_jvp` linear in the tangents, so that forward mode works and reverse
   mode is its transpose: one fused sum each for the scale and offset gradients);
@@ -59,21 +60,24 @@ def _moments(x: Array, shift: Array, weight: Array | None, *, axis: int, dtype):
     x1, x2 = (x, x) if x.dtype == dtype else _unshared(x, x)
     centred = x2.astype(dtype) - expand(shift, x.ndim, axis)
     if weight is None:
-        return jnp.mean(x1.astype(dtype), reduce), jnp.mean(centred * centred, reduce)
+        return jnp.sum(x1.astype(dtype), reduce), jnp.sum(centred * centred, reduce)
     w = weight.astype(dtype)
     first = jnp.sum(jnp.where(weight, x1.astype(dtype), 0), reduce)
     second = jnp.sum(jnp.where(weight, centred * centred, 0), reduce)
     return first, second, jnp.sum(w)
 
 
-def local_moments(x: Array, shift: Array, axis: int, dtype) -> tuple[Array, Array]:
-    """This example's per-channel mean of `x`, and mean of `(x - shift)**2`, in
+def local_sums(x: Array, shift: Array, axis: int, dtype) -> tuple[Array, Array]:
+    """This example's per-channel sum of `x`, and sum of `(x - shift)**2`, in
     `dtype`.
 
     Each of the two reductions reads `x` alone (the shift is taken off the mean
     after the reduction), so that XLA fuses the conversion, the shift and the square
     into the reductions instead of writing a shifted or converted copy of `x` out;
-    the backward pass recomputes the shifted input instead of storing it.
+    the backward pass recomputes the shifted input instead of storing it. They are
+    sums, not means, so that under `vmap` the sum over the example and the sum over
+    the batch (the caller's `psum`) are adjacent reductions, which XLA merges into
+    one; a mean in between (a division) would keep them apart, two kernels each.
     """
     moments = functools.partial(_moments, axis=axis, dtype=dtype)
     return jax.checkpoint(moments)(x, shift, None)
