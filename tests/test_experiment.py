@@ -165,6 +165,7 @@ def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
     }
 
 
+@pytest.mark.standard_promotion  # optax.adam
 def test_sam_comparison_config_errors(capsys):
     with pytest.raises(ValueError, match="Unknown method 'lookasm'"):
         experiments.SAMConfig(methods=("lookasm",))
@@ -172,6 +173,16 @@ def test_sam_comparison_config_errors(capsys):
         experiments.SAMConfig(batch_size=60, micro_batches=8)
     with pytest.raises(ValueError, match="`every` must be at least 1"):
         experiments.SAMConfig(every=0)
+    # The suite's runtime type checks refuse these first; without them, the
+    # config's own checks do, with the messages in `_sam_comparison.py`.
+    with pytest.raises((ValueError, TypeError), match="seeds"):
+        experiments.SAMConfig(seeds=2.5)  # pyright: ignore[reportArgumentType]
+    with pytest.raises((ValueError, TypeError), match="methods"):
+        experiments.SAMConfig(methods="sam")  # pyright: ignore[reportArgumentType]
+    # A bad radius reaches the optimizer, which names it; the command exits 2.
+    argv = ["sam", "--dataset", "digits", "--rho", "-1", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "`rho` must be finite and at least 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["sam", "--methods", "lookasm"])
     assert "invalid choice: 'lookasm'" in capsys.readouterr().err

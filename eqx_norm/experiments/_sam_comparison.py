@@ -78,6 +78,16 @@ class SAMConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.methods, str):
+            raise ValueError(
+                f"`methods` must be a tuple of names, got the string {self.methods!r}; "
+                f"e.g. `methods=({self.methods!r},)`."
+            )
+        ints = ("seeds", "steps", "batch_size", "every", "micro_batches", "evaluations")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"`{name}` must be an int, got {value!r}.")
         for m in self.methods:
             if m not in METHODS:
                 raise ValueError(f"Unknown method {m!r}; choose from {METHODS}.")
@@ -230,6 +240,8 @@ def run_sam_comparison(
     The [`eqx_norm.experiments.SAMResults`][].
     """
     start = time.perf_counter()
+    # Every optimizer first, so that a bad hyperparameter fails before any training.
+    steps = {method: _step(method, config) for method in config.methods}
     train = data.load_dataset(config.dataset, "train", folder=config.data_dir)
     test = data.load_dataset(config.dataset, "test", folder=config.data_dir)
     train = (jnp.asarray(train[0]), jnp.asarray(train[1]))
@@ -242,7 +254,7 @@ def run_sam_comparison(
         bar = tqdm(total=total, unit="step", desc="sam comparison")
     runs = {}
     for method in config.methods:
-        optimizer, step = _step(method, config)
+        optimizer, step = steps[method]
         per_seed = []
         for seed in range(config.seeds):
             if bar is not None:
