@@ -217,7 +217,7 @@ def sam_step(
             return mean(gradient_at(perturbed))
 
         updates, opt_state = optimizer.update(
-            grads if local and micro_batches == 1 else mean(grads),
+            grads if local else mean(grads),
             opt_state,
             params,
             grad_fn=grad_fn,

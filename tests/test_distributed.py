@@ -306,25 +306,32 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
         eqx_norm.sam_step(loss_fn, opt, per_device_perturbation=True)
 
 
-@pytest.mark.parametrize("perturbation", ["whole-batch", "per-micro-batch"])
-def test_micro_batches_inside_shard_map_equal_one_device(perturbation, getkey):
+@pytest.mark.parametrize("mode", ["whole-batch", "per-micro-batch", "per-device"])
+def test_micro_batches_inside_shard_map_equal_one_device(mode, getkey):
     """Two micro-batches of 2 examples on each of 8 devices. With whole-batch
     perturbation and synchronised BatchNorm, micro-batch i is the union over
     devices of each device's i-th: one device with 2 micro-batches of the batch
-    reordered that way. Per micro-batch (no BatchNorm), each device's micro-batches
-    are perturbed by their own gradients: one device with 16 micro-batches."""
+    reordered that way. Without BatchNorm: per micro-batch, each device's
+    micro-batches are perturbed by their own gradients (one device with 16
+    micro-batches perturbed each by its own); per device, each device's shard is
+    (one device with 8 such micro-batches)."""
     key = getkey()
-    per = perturbation == "per-micro-batch"
+    per = mode != "whole-batch"
+    perturbation = "per-micro-batch" if per else "whole-batch"
     opt = eqx_norm.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
     ref, ref_state = eqx.nn.make_with_state(net)("batch", key, norm=not per)
     model, state = eqx.nn.make_with_state(net)(("data", "batch"), key, norm=not per)
+    ref_m = {"whole-batch": 2, "per-micro-batch": 16, "per-device": 8}[mode]
     ref_step = eqx.filter_jit(
-        eqx_norm.sam_step(
-            loss_fn, opt, micro_batches=16 if per else 2, perturbation=perturbation
-        )
+        eqx_norm.sam_step(loss_fn, opt, micro_batches=ref_m, perturbation=perturbation)
     )
     inner = eqx_norm.sam_step(
-        loss_fn, opt, axis_name="data", micro_batches=2, perturbation=perturbation
+        loss_fn,
+        opt,
+        axis_name="data",
+        micro_batches=2,
+        perturbation="per-micro-batch" if mode == "per-micro-batch" else "whole-batch",
+        per_device_perturbation=mode == "per-device",
     )
     mapped, static = _shard_mapped(inner, model, mesh())
     params, _ = eqx.partition(model, eqx.is_array)
