@@ -8,7 +8,13 @@ from .._approaches import APPROACHES
 from ..data import DATASETS
 from ._report import claims_table, save_results
 from ._run import DEFAULT_APPROACHES, Config, run
-from ._sam_comparison import METHODS, SAMConfig, run_sam_comparison, save_sam_results
+from ._sam_comparison import (
+    METHODS,
+    SAMConfig,
+    run_sam_comparison,
+    sam_table,
+    save_sam_results,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,9 +135,27 @@ def _sam_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_and_report(run_it, save, table, out: str) -> int:
+    """Run an experiment, save its outputs in `out` and print its table; a bad
+    setting or a missing file is one line on stderr and exit status 2."""
+    try:
+        results = run_it()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = save(results, out)
+    print(table(results))
+    print(
+        f"\n{results.seconds:.1f} s in all; wrote "
+        + ", ".join(str(p) for p in paths.values())
+    )
+    return 0
+
+
 def _main_sam(argv: list[str]) -> int:
     args = _sam_parser().parse_args(argv)
-    try:
+
+    def run_it():
         config = SAMConfig(
             dataset=args.dataset,
             methods=tuple(args.methods),
@@ -148,17 +172,9 @@ def _main_sam(argv: list[str]) -> int:
             evaluations=args.evaluations,
             data_dir=args.data_dir,
         )
-        results = run_sam_comparison(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = save_sam_results(results, args.out)
-    print(paths["table"].read_text(), end="")
-    print(
-        f"\n{results.seconds:.1f} s in all; wrote "
-        + ", ".join(str(p) for p in paths.values())
-    )
-    return 0
+        return run_sam_comparison(config, progress=not args.no_progress)
+
+    return _run_and_report(run_it, save_sam_results, sam_table, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sam"]:
         return _main_sam(argv[1:])
     args = _parser().parse_args(argv)
-    try:
+
+    def run_it():
         config = Config(
             dataset=args.dataset,
             approaches=tuple(args.approaches),
@@ -181,17 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
             download=args.download,
         )
-        results = run(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = save_results(results, args.out)
-    print(claims_table(results))
-    print(
-        f"\n{results.seconds:.1f} s in all; wrote "
-        + ", ".join(str(p) for p in paths.values())
-    )
-    return 0
+        return run(config, progress=not args.no_progress)
+
+    return _run_and_report(run_it, save_results, claims_table, args.out)
 
 
 if __name__ == "__main__":

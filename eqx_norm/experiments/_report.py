@@ -166,6 +166,13 @@ def plot(results: Results, path: str | Path) -> Path:
         f"{c.dataset}: momentum {c.momentum}, {c.seeds} seeds, {c.steps} steps, "
         f"batch {c.batch_size}, Adam {c.learning_rate}"
     )
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it to `path` (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

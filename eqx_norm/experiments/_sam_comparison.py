@@ -20,6 +20,7 @@ from .._looksam import looksam
 from .._sam import sam
 from .._step import sam_step
 from ._model import CNN
+from ._report import save_figure
 from ._run import (
     _chunk_size,
     _loss_fn,
@@ -380,12 +381,7 @@ def plot_sam(results: SAMResults, path: str | Path) -> Path:
         f"{c.steps} steps, Adam {c.learning_rate}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_sam_results(results: SAMResults, out: str | Path) -> dict[str, Path]:
