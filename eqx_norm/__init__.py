@@ -36,7 +36,10 @@ from ._walk import (
     set_approach as set_approach,
 )
 
-__version__ = importlib.metadata.version("eqx_norm")
+try:
+    __version__ = importlib.metadata.version("eqx_norm")
+except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
+    __version__ = "unknown"
 
 __all__ = [
     "APPROACHES",

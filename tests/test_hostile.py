@@ -725,3 +725,30 @@ def test_checkpoint_compares_approaches_by_value(tmp_path):
     path.write_bytes(json.dumps(old).encode() + b"\n" + rest)
     like = eqx.nn.make_with_state(MLP)(eqx_norm.Renorm())
     _assert_same(eqx_norm.load(path, *like), _leaves((model, state)))
+
+
+def test_imports_from_a_source_tree_that_is_not_installed():
+    """`import eqx_norm` from a checkout on `PYTHONPATH` (no package metadata, as on
+    a machine where nothing can be installed) works, with an unknown version."""
+    script = textwrap.dedent(
+        """
+        import importlib.metadata as metadata
+
+        installed = metadata.version
+
+        def version(name):
+            if name == "eqx_norm":
+                raise metadata.PackageNotFoundError(name)
+            return installed(name)
+
+        metadata.version = version
+        import eqx_norm
+
+        print(eqx_norm.__version__, eqx_norm.BatchNorm.__name__)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["unknown", "BatchNorm"]
