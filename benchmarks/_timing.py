@@ -13,10 +13,18 @@ import jax
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], rounds: int = 30, warmup: int = 3
+    candidates: dict[str, Callable[[], object]],
+    rounds: int = 30,
+    warmup: int = 3,
+    calls: int = 1,
 ) -> dict[str, list[float]]:
     """Seconds per call of each (already compiled) zero-argument callable, one
-    sample per round; in each round every candidate runs once, in a random order."""
+    sample per round; in each round every candidate runs once, in a random order.
+
+    With `calls > 1` a sample is `calls` calls in a row with one wait at the end,
+    divided by `calls`: on an accelerator the calls are queued while the device
+    runs, so the sample is the device's time per call rather than one call's
+    dispatch and wait."""
     for fn in candidates.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
@@ -30,8 +38,10 @@ def interleaved(
         for name in rng.sample(names, len(names)):
             fn = candidates[name]
             start = time.perf_counter()
+            for _ in range(calls - 1):
+                fn()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / calls)
     return times
 
 

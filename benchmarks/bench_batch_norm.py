@@ -1,9 +1,11 @@
 """BatchNorm training forward+backward under jax.jit: eqx_norm.BatchNorm against
 eqx.nn.BatchNorm, Flax's BatchNorm (channels-last, its native layout) and an
-elementwise proxy that reads and writes the same bytes; every approach against
-`batch`; compile time and peak temporary memory.
+elementwise proxy that reads and writes the same bytes, with eqx_norm's layer both
+on the channels-first batch and on Flax's channels-last one (`channel_axis=-1`);
+every approach against `batch`; compile time and peak temporary memory.
 
     python benchmarks/bench_batch_norm.py [--rounds 30] [--quick]
+        [--shapes 256,64,56,56 ...] [--calls 1] [--options]
 """
 
 import argparse
@@ -129,10 +131,14 @@ def _compile(build, times=3):
             return median(seconds), fn, args, program
 
 
-def bench_shape(shape, dtype, rounds):
+def bench_shape(shape, dtype, rounds, calls=1):
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
     builders = {
         "eqx_norm": lambda: eqx_norm_step(x),
+        # The same layer on Flax's channels-last batch (`channel_axis=-1`).
+        "eqx_norm, channels last": lambda: _options_step(
+            jnp.moveaxis(x, 1, -1), None, channel_axis=-1
+        ),
         "equinox": lambda: equinox_step(x),
         "flax": lambda: flax_step(x),
         "proxy": lambda: proxy_step(x),
@@ -143,10 +149,10 @@ def bench_shape(shape, dtype, rounds):
         memory[name] = temp_bytes(program)
         memory[f"{name} kernels"] = kernels(program)
         compiled[name] = lambda fn=fn, args=args: fn(*args)
-    return interleaved(compiled, rounds=rounds), compile_s, memory
+    return interleaved(compiled, rounds=rounds, calls=calls), compile_s, memory
 
 
-def bench_approaches(shape, rounds, upstream=False):
+def bench_approaches(shape, rounds, upstream=False, calls=1):
     """Every approach's step; with `upstream`, on a given upstream gradient."""
     x = jax.random.normal(jax.random.key(0), shape)
     g = jax.random.normal(jax.random.key(1), shape) if upstream else None
@@ -155,7 +161,7 @@ def bench_approaches(shape, rounds, upstream=False):
         fn, args = eqx_norm_step(x, approach, g)
         fn(*args)
         candidates[approach] = lambda fn=fn, args=args: fn(*args)
-    return interleaved(candidates, rounds=rounds)
+    return interleaved(candidates, rounds=rounds, calls=calls)
 
 
 def _options_step(x, mask, channel_axis=0, **kwargs):
@@ -181,7 +187,7 @@ def _options_step(x, mask, channel_axis=0, **kwargs):
     return _jit(f, (bn, x, state, mask))
 
 
-def bench_options(shape, rounds):
+def bench_options(shape, rounds, calls=1):
     """What a mask and ghost batches cost over plain training."""
     x = jax.random.normal(jax.random.key(0), shape)
     mask = jax.random.uniform(jax.random.key(1), (shape[0],) + shape[2:]) < 0.9
@@ -199,7 +205,7 @@ def bench_options(shape, rounds):
         fn, args = build()
         fn(*args)
         candidates[name] = lambda fn=fn, args=args: fn(*args)
-    return interleaved(candidates, rounds=rounds)
+    return interleaved(candidates, rounds=rounds, calls=calls)
 
 
 def main():
@@ -207,14 +213,29 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="N,C,...",
+        help="shapes to run instead of the default ones, e.g. 256,64,56,56",
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=1,
+        help="calls per sample, waiting once at the end (on a GPU: device time)",
+    )
+    parser.add_argument(
         "--options", action="store_true", help="only mask, ghost batches, layout"
     )
     args = parser.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes]
     if args.options:
         print("## Options against plain training, float32\n")
         rows = []
-        for shape in SHAPES:
-            times = bench_options(shape, args.rounds)
+        for shape in shapes:
+            times = bench_options(shape, args.rounds, args.calls)
             rows += [
                 [
                     str(shape),
@@ -229,15 +250,15 @@ def main():
     print(
         f"# BatchNorm forward+backward, {jax.default_backend()} "
         f"({platform.processor() or platform.machine()}, {jax.device_count()} "
-        f"device(s)), jax {jax.__version__}; medians of {args.rounds} interleaved "
-        "rounds; ratios are eqx_norm's time over the peer's in the same round "
-        "(median over rounds), or its memory over the peer's.\n"
+        f"device(s): {jax.devices()[0].device_kind}), jax {jax.__version__}; "
+        f"medians of {args.rounds} interleaved rounds of {args.calls} call(s); "
+        "ratios are eqx_norm's time over the peer's in the same round (median over "
+        "rounds), or its memory over the peer's.\n"
     )
     rows = []
-    shapes = SHAPES[:1] if args.quick else SHAPES
     for shape in shapes:
         for dtype in (jnp.float32, jnp.bfloat16):
-            times, comp, mem = bench_shape(shape, dtype, args.rounds)
+            times, comp, mem = bench_shape(shape, dtype, args.rounds, args.calls)
             ours = median(times["eqx_norm"])
             rows.append(
                 [
@@ -245,6 +266,7 @@ def main():
                     jnp.dtype(dtype).name,
                     f"{ours * 1e3:.2f}",
                     f"{ratio(times, 'eqx_norm', 'flax'):.2f}",
+                    f"{ratio(times, 'eqx_norm, channels last', 'flax'):.2f}",
                     f"{ratio(times, 'eqx_norm', 'equinox'):.2f}",
                     f"{ratio(times, 'eqx_norm', 'proxy'):.2f}",
                     f"{mem['eqx_norm'] / max(mem['flax'], 1):.2f}",
@@ -271,6 +293,7 @@ def main():
                 "dtype",
                 "eqx_norm ms",
                 "/ flax",
+                "channels last / flax",
                 "/ equinox",
                 "/ proxy",
                 "temp mem / flax",
@@ -279,14 +302,14 @@ def main():
             ],
         )
     )
-    shape = (64, 512) if args.quick else (64, 64, 32, 32)
+    shape = shapes[0] if args.quick or args.shapes else (64, 64, 32, 32)
     print(f"\n## Every approach against `batch`, {shape} float32\n")
     # With the loss above, and with an upstream gradient given as an input (as
     # inside a network): where an approach's forward pass has no batch sums, XLA
     # recomputes the loss's gradient from x instead of reading it, and keeps a
     # full-size copy of it for the backward sums.
-    own = bench_approaches(shape, args.rounds)
-    given = bench_approaches(shape, args.rounds, upstream=True)
+    own = bench_approaches(shape, args.rounds, calls=args.calls)
+    given = bench_approaches(shape, args.rounds, upstream=True, calls=args.calls)
     print(
         table(
             [

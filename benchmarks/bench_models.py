@@ -4,6 +4,7 @@ with Flax's BatchNorm in its native channels-last layout. One step is the forwar
 and backward pass, the Adam update and the BatchNorm state update, under jax.jit.
 
     python benchmarks/bench_models.py [--rounds 30] [--models mlp cnn resnet]
+        [--batch N] [--compiles 3] [--calls 1]
 
 Models: (a) an MLP 784-512-BN-ReLU-512-BN-ReLU-10 at batch 128; (b) the
 experiment's CNN (Conv 1->3, MaxPool, Linear 1728->512, BN, Linear 512->64,
@@ -277,8 +278,10 @@ MODELS = {
 }
 
 
-def builds(name: str) -> dict[str, Callable[[], tuple]]:
+def builds(name: str, batch: int | None = None) -> dict[str, Callable[[], tuple]]:
     _, eqx_cls, flax_cls, shape = MODELS[name]
+    if batch is not None:
+        shape = (batch,) + shape[1:]
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, shape)
     y = jax.random.randint(ky, (shape[0],), 0, 10)
@@ -291,9 +294,15 @@ def builds(name: str) -> dict[str, Callable[[], tuple]]:
     }
 
 
-def bench_model(name: str, rounds: int, compiles: int = 3):
+def bench_model(
+    name: str,
+    rounds: int,
+    compiles: int = 3,
+    batch: int | None = None,
+    calls: int = 1,
+):
     programs, compile_times, memory, counts = {}, {}, {}, {}
-    for peer, build in builds(name).items():
+    for peer, build in builds(name, batch).items():
         seconds = []
         for _ in range(compiles):  # fresh compiles: a new jit object each time
             jitted, args = build()
@@ -303,7 +312,7 @@ def bench_model(name: str, rounds: int, compiles: int = 3):
         memory[peer] = temp_bytes(compiled)
         counts[peer] = kernels(compiled)
         programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
-    times = interleaved(programs, rounds=rounds)
+    times = interleaved(programs, rounds=rounds, calls=calls)
     floor = {"eqx_norm": "equinox, no BN", "equinox": "equinox, no BN"}
     floor["flax"] = "flax, no BN"
     rows = []
@@ -329,14 +338,28 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batch", type=int, help="a batch size for every model")
+    parser.add_argument("--compiles", type=int, default=3, help="fresh compiles each")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=1,
+        help="calls per sample, waiting once at the end (on a GPU: device time)",
+    )
     args = parser.parse_args()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}; medians of "
+        f"{args.rounds} interleaved rounds of {args.calls} call(s)"
+    )
     for name in args.models:
-        rows, times = bench_model(name, args.rounds)
+        rows, times = bench_model(
+            name, args.rounds, args.compiles, args.batch, args.calls
+        )
         ours = {p: ratio(times, "eqx_norm", p) for p in PEERS[1:]}
+        batch = args.batch or MODELS[name][3][0]
         print(
-            f"\n{MODELS[name][0]}: eqx_norm's step is {ours['equinox']:.2f}x "
-            f"Equinox's, {ours['flax']:.2f}x Flax's"
+            f"\n{MODELS[name][0]}, batch {batch}: eqx_norm's step is "
+            f"{ours['equinox']:.2f}x Equinox's, {ours['flax']:.2f}x Flax's"
         )
         print(
             table(
