@@ -46,7 +46,7 @@ def _int(name: str, value, example: str) -> int:
 def _real_scalar(name: str, value) -> float:
     """`value` as a Python float, or a `TypeError` naming the argument."""
     try:
-        if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_)):
+        if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_, str, bytes)):
             raise TypeError
         return float(value)
     except (TypeError, ValueError):

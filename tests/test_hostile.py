@@ -752,3 +752,36 @@ def test_imports_from_a_source_tree_that_is_not_installed():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["unknown", "BatchNorm"]
+
+
+def test_string_numbers_are_refused_without_the_type_checker():
+    """The suite runs with jaxtyping's runtime type checks, which would refuse a
+    string where a number goes before the package's own checks ran; a user has no
+    such checks. Without them (a fresh interpreter), each of these names the
+    argument in a `TypeError` (`float("0.9")` would silently accept the first)."""
+    script = textwrap.dedent(
+        """
+        import equinox as eqx
+        import eqx_norm
+
+        cases = {
+            "momentum": lambda: eqx_norm.BatchNorm(3, "batch", momentum="0.9"),
+            "eps": lambda: eqx_norm.BatchNorm(3, "batch", eps=b"1e-5"),
+            "r_max": lambda: eqx_norm.Renorm(r_max="3"),
+            "d_max": lambda: eqx_norm.Renorm(d_max=True),
+        }
+        for name, make in cases.items():
+            try:
+                make()
+                print(name, "accepted")
+            except TypeError as error:
+                print(name, f"`{name}`" in str(error))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "momentum", "True", "eps", "True", "r_max", "True", "d_max", "True"
+    ]  # fmt: skip
