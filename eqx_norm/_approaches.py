@@ -154,13 +154,15 @@ def _debiased_ema(
     $R_t = h_t / (1 - m^t)$ satisfies
     $R_t = (1 - w_t) R_{t-1} + w_t s_t$ with $w_t = \\frac{1 - m}{1 - m^t}$, so
     storing $R$ and $t$ is the same as storing $h$ and $t$, and $R$ is what inference
-    uses directly. The weight is computed wholly in the statistics' dtype, so that
-    $w_1 = 1$ exactly and the first step stores the batch statistics themselves; the
-    two weights are non-negative, so a non-negative variance stays non-negative.
+    uses directly. The weight is computed wholly in the statistics' dtype, and
+    $w_1 = 1$ is set rather than divided out (a GPU's float32 division need not give
+    exactly 1 for $x / x$), so the first step stores the batch statistics
+    themselves; the two weights are non-negative, so a non-negative variance stays
+    non-negative.
     """
     t = running.counter + 1
     m = _momentum(momentum, running)
-    weight = (1 - m) / (1 - _power(m, t))
+    weight = jnp.where(t == 1, 1, (1 - m) / (1 - _power(m, t)))
     return RunningStats(
         mean=(1 - weight) * running.mean + weight * mean,
         var=(1 - weight) * running.var + weight * var,
@@ -324,7 +326,9 @@ class Running(Approach):
         # Weights below one, so that no product can overflow for finite statistics
         # (c * var can, once var is large and c is at its cap).
         old_weight = c / (c + n)
-        new_weight = n / (c + n)
+        # Not n / (c + n): at c = 0 that is n / n, which a GPU's division need not
+        # round to exactly 1, and the first step must store the batch statistics.
+        new_weight = 1 - old_weight
         delta = batch.mean - running.mean
         mean = running.mean + delta * new_weight
         spread = delta * jnp.sqrt(old_weight * new_weight)
@@ -381,6 +385,16 @@ class Renorm(Approach):
     d_max: float | int = eqx.field(static=True, default=5.0)
 
     def __check_init__(self):
+        for name in ("r_max", "d_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.integer, np.floating)) or (
+                isinstance(value, (bool, np.bool_))
+            ):
+                raise TypeError(
+                    f"`{name}` must be a real number, got {value!r} of type "
+                    f"{type(value).__name__}; for example `Renorm(r_max=3.0, "
+                    "d_max=5.0)`."
+                )
         if not self.r_max >= 1:
             raise ValueError(f"`r_max` must be at least 1, got {self.r_max}.")
         if not self.d_max >= 0:
