@@ -11,6 +11,7 @@ if jax.default_backend() != "cpu":
     # 1e-3 relative), which the float32 tolerances of these tests do not allow for:
     # they check the arithmetic, so they ask for full float32 products.
     jax.config.update("jax_default_matmul_precision", "highest")
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # and in subprocesses
 
 
 def pytest_configure(config):
