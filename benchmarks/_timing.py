@@ -68,16 +68,24 @@ def temp_bytes(compiled) -> int:
     return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis else 0
 
 
-def kernels(compiled) -> int:
+def kernel_lines(compiled) -> list[str]:
     """Top-level instructions of the compiled program's entry computation, other
-    than parameters, constants, tuples and bitcasts: the kernels XLA:CPU runs."""
+    than parameters, constants, tuples and bitcasts: the kernels XLA runs."""
     text = compiled.as_text()
     entry = text[text.index("\nENTRY ") :]
     entry = entry[: entry.index("\n}")]
-    skip = re.compile(r"= \S+ (parameter|constant|tuple|get-tuple-element|bitcast)\(")
-    return sum(
-        1 for line in entry.splitlines()[1:] if " = " in line and not skip.search(line)
-    )
+    # The op follows the output shape, which for a tuple has spaces in it.
+    skip = re.compile(r"[\]})] (parameter|constant|tuple|get-tuple-element|bitcast)\(")
+    return [
+        line.strip()
+        for line in entry.splitlines()[1:]
+        if " = " in line and not skip.search(line.split(" = ", 1)[1])
+    ]
+
+
+def kernels(compiled) -> int:
+    """The number of kernels XLA runs for a compiled program (`kernel_lines`)."""
+    return len(kernel_lines(compiled))
 
 
 def table(rows: list[list[str]], head: list[str]) -> str:

@@ -35,6 +35,9 @@ cat "$OUT/machine.txt"
 # wait, is measured.
 stage layer "${LAYER_S:-150}" bash -c "cd benchmarks && $PY bench_batch_norm.py \
   --rounds 30 --calls 10 --shapes 64,512 64,64,32,32 128,256,8,8 256,64,56,56"
+# Where the layers spend their launches.
+stage kernels "${KERNELS_S:-60}" bash -c "cd benchmarks && \
+  $PY list_kernels.py --shape 64,512 && $PY list_kernels.py --shape 64,64,32,32"
 # Whole training steps at the benchmark's batch sizes, then the residual CNN at a
 # batch that keeps the card busy.
 stage models "${MODELS_S:-150}" bash -c "cd benchmarks && $PY bench_models.py \

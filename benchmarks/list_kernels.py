@@ -1,0 +1,44 @@
+"""The kernels of each candidate's compiled forward+backward, as `bench_batch_norm.py`
+builds them: one line per top-level instruction of the compiled program (other than
+parameters, constants, tuples and bitcasts), with its output shape and what it
+computes, for comparing where two layers spend their launches.
+
+    python benchmarks/list_kernels.py [--shape 64,512] [--dtype float32]
+"""
+
+import argparse
+import re
+
+import bench_batch_norm as bench
+import jax
+from _timing import kernel_lines
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="64,512")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    shape = tuple(int(n) for n in args.shape.split(","))
+    x = jax.random.normal(jax.random.key(0), shape).astype(args.dtype)
+    builders = {
+        "eqx_norm": lambda: bench.eqx_norm_step(x),
+        "equinox": lambda: bench.equinox_step(x),
+        "flax": lambda: bench.flax_step(x),
+    }
+    device = jax.devices()[0].device_kind
+    print(f"{device}, jax {jax.__version__}, {shape} {args.dtype}")
+    for name, build in builders.items():
+        fn, fn_args = build()
+        lines = kernel_lines(fn.lower(*fn_args).compile())
+        print(f"\n## {name}: {len(lines)} kernels")
+        for line in lines:
+            # `%name = shape kind(...)`, without the operands and metadata.
+            head = re.sub(r"\(.*", "", line.split(" = ", 1)[1])
+            op = re.search(r'op_name="([^"]*)"', line)
+            where = op.group(1).rsplit("/", 2)[-2:] if op else []
+            print(f"  {line.split(' = ')[0]:<36} {head:<32} {'/'.join(where)}")
+
+
+if __name__ == "__main__":
+    main()
