@@ -3,7 +3,7 @@ builds them: one line per top-level instruction of the compiled program (other t
 parameters, constants, tuples and bitcasts), with its output shape and what it
 computes, for comparing where two layers spend their launches.
 
-    python benchmarks/list_kernels.py [--shape 64,512] [--dtype float32]
+    python benchmarks/list_kernels.py [--shape 64,512] [--dtype float32] [--hlo DIR]
 """
 
 import argparse
@@ -18,6 +18,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="64,512")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--hlo", metavar="DIR", help="write each compiled program")
     args = parser.parse_args()
     shape = tuple(int(n) for n in args.shape.split(","))
     x = jax.random.normal(jax.random.key(0), shape).astype(args.dtype)
@@ -30,7 +31,12 @@ def main():
     print(f"{device}, jax {jax.__version__}, {shape} {args.dtype}")
     for name, build in builders.items():
         fn, fn_args = build()
-        lines = kernel_lines(fn.lower(*fn_args).compile())
+        compiled = fn.lower(*fn_args).compile()
+        lines = kernel_lines(compiled)
+        if args.hlo:
+            name_of_file = f"{name}-{'x'.join(map(str, shape))}-{args.dtype}.txt"
+            with open(f"{args.hlo}/{name_of_file}", "w") as f:
+                f.write(compiled.as_text())
         print(f"\n## {name}: {len(lines)} kernels")
         for line in lines:
             # `%name = shape kind(...)`, without the operands and metadata.
