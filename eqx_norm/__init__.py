@@ -38,7 +38,7 @@ from ._walk import (
 
 try:
     __version__ = importlib.metadata.version("eqx_norm")
-except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
+except importlib.metadata.PackageNotFoundError:  # a source tree, not installed
     __version__ = "unknown"
 
 __all__ = [

@@ -79,8 +79,9 @@ def local_sums(x: Array, shift: Array, axis: int, dtype) -> tuple[Array, Array]:
     the batch (the caller's `psum`) are adjacent reductions, which XLA merges into
     one; a mean in between (a division) would keep them apart, two kernels each.
     """
-    moments = functools.partial(_moments, axis=axis, dtype=dtype)
-    return jax.checkpoint(moments)(x, shift, None)
+    return _rematerialised(functools.partial(_moments, axis=axis, dtype=dtype))(
+        x, shift, None
+    )
 
 
 def masked_sums(
@@ -89,8 +90,35 @@ def masked_sums(
     """Over the values `mask` selects (a boolean array shaped like `x`, of size 1 on
     the channel axis): the per-channel sum of `x`, the sum of `(x - shift)**2`, and
     the number of values per channel."""
-    moments = functools.partial(_moments, axis=axis, dtype=dtype)
-    return jax.checkpoint(moments)(x, shift, mask)
+    return _rematerialised(functools.partial(_moments, axis=axis, dtype=dtype))(
+        x, shift, mask
+    )
+
+
+def _rematerialised(moments):
+    """`moments` under `jax.checkpoint`: the backward pass recomputes what it needs
+    of the shifted input from `x` instead of storing it.
+
+    On the CPU the checkpoint keeps its CSE barrier, which keeps XLA:CPU from merging
+    the recomputation with the forward pass's `_unshared` reads (a float32 copy of a
+    half-precision batch, otherwise). Elsewhere the barrier only costs: on a GPU it
+    makes XLA write the broadcast cotangents of the two sums out in full (at
+    (64, 512) float32, two arrays the size of the batch and one more kernel), so
+    there the checkpoint goes without it."""
+
+    def remat(x, shift, mask, prevent_cse):
+        return jax.checkpoint(moments, prevent_cse=prevent_cse)(x, shift, mask)
+
+    def call(x, shift, mask):
+        return lax.platform_dependent(
+            x,
+            shift,
+            mask,
+            cpu=functools.partial(remat, prevent_cse=True),
+            default=functools.partial(remat, prevent_cse=False),
+        )
+
+    return call
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
