@@ -105,6 +105,13 @@ def test_forward_mode_in_inference(getkey):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU property")
+@pytest.mark.xfail(
+    tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="jax 0.11's XLA:CPU writes the broadcast cotangent of the first sum out, "
+    "a bfloat16 array the size of the batch, instead of fusing it into the input's "
+    "gradient (no float32 copy, but over this test's bound)",
+    strict=True,
+)
 def test_no_float32_copy_of_a_bfloat16_batch(getkey):
     """On CPU the training forward+backward of a bfloat16 batch keeps no float32
     copy of the batch or of its gradient: its temporary memory is less than one
