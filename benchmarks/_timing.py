@@ -3,6 +3,7 @@ repeat, each candidate's median over rounds is reported, and ratios are medians 
 the per-round ratios. Machines are shared and noisy: compare ratios within one run,
 not absolute times."""
 
+import argparse
 import random
 import re
 import statistics
@@ -98,3 +99,24 @@ def table(rows: list[list[str]], head: list[str]) -> str:
         [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         + [line(r) for r in rows]
     )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """An argparse type: a shape written as comma-separated sizes, e.g. 64,512."""
+    try:
+        return tuple(positive_int(size) for size in text.split(","))
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape such as 64,512 ({error})"
+        ) from None

@@ -20,6 +20,8 @@ from _timing import (
     interleaved,
     kernels,
     median,
+    parse_shape,
+    positive_int,
     ratio,
     table,
     temp_bytes,
@@ -210,17 +212,18 @@ def bench_options(shape, rounds, calls=1):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument(
         "--shapes",
         nargs="+",
+        type=parse_shape,
         metavar="N,C,...",
         help="shapes to run instead of the default ones, e.g. 256,64,56,56",
     )
     parser.add_argument(
         "--calls",
-        type=int,
+        type=positive_int,
         default=1,
         help="calls per sample, waiting once at the end (on a GPU: device time)",
     )
@@ -230,7 +233,7 @@ def main():
     args = parser.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
-        shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes]
+        shapes = args.shapes
     if args.options:
         print("## Options against plain training, float32\n")
         rows = []

@@ -10,7 +10,7 @@ import argparse
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _timing import interleaved, median, ratio, table
+from _timing import interleaved, median, positive_int, ratio, table
 
 import eqx_norm
 from eqx_norm import experiments
@@ -61,7 +61,7 @@ def _inference(model, state, x):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     args = parser.parse_args()
     rows = []
 

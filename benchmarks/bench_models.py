@@ -33,6 +33,7 @@ from _timing import (
     interleaved,
     kernels,
     median,
+    positive_int,
     ratio,
     table,
     temp_bytes,
@@ -336,13 +337,17 @@ def bench_model(
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--batch", type=int, help="a batch size for every model")
-    parser.add_argument("--compiles", type=int, default=3, help="fresh compiles each")
+    parser.add_argument(
+        "--batch", type=positive_int, help="a batch size for every model"
+    )
+    parser.add_argument(
+        "--compiles", type=positive_int, default=3, help="fresh compiles each"
+    )
     parser.add_argument(
         "--calls",
-        type=int,
+        type=positive_int,
         default=1,
         help="calls per sample, waiting once at the end (on a GPU: device time)",
     )

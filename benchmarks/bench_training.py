@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import compile_seconds, interleaved, median, ratio, table
+from _timing import compile_seconds, interleaved, median, positive_int, ratio, table
 
 import eqx_norm
 from eqx_norm import data, experiments
@@ -81,7 +81,7 @@ def cheaper_sam(model, state, x, y, rounds):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     args = parser.parse_args()
     images, labels = data.load_dataset("digits", "train")
     x, y = jnp.asarray(images[:64]), jnp.asarray(labels[:64])

@@ -11,16 +11,16 @@ import re
 
 import bench_batch_norm as bench
 import jax
-from _timing import kernel_lines
+from _timing import kernel_lines, parse_shape
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="64,512")
+    parser.add_argument("--shape", type=parse_shape, default=(64, 512))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--hlo", metavar="DIR", help="write each compiled program")
     args = parser.parse_args()
-    shape = tuple(int(n) for n in args.shape.split(","))
+    shape = args.shape
     x = jax.random.normal(jax.random.key(0), shape).astype(args.dtype)
     builders = {
         "eqx_norm": lambda: bench.eqx_norm_step(x),
