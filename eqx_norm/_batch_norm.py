@@ -8,9 +8,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
+from ._checks import real_statistic, step_count
 from ._kernels import affine, expand, local_sums, masked_sums
 
 
@@ -277,24 +278,27 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mean: ArrayLike,
         var: ArrayLike,
         *,
-        counter: int | None = None,
+        counter: int | Int[ArrayLike, ""] | None = None,
     ) -> eqx.nn.State:
         """The state with this layer's statistics replaced: for bringing in the
         statistics of a pretrained model (see "Serving and porting" in the guide).
 
         For every built-in approach the stored statistics are the ones inference
-        uses, so after this call `statistics(state)` returns `(mean, var)`.
+        uses, so after this call `statistics(state)` returns `(mean, var)`. It works
+        under `jit` too, with every argument traced; bad values then stop the call
+        with a runtime error (`eqx.error_if`) instead of a state that never trains.
 
         **Arguments:**
 
         - `state`: the `eqx.nn.State` holding this layer's statistics.
-        - `mean`: the per-channel mean, shape `(input_size,)`.
+        - `mean`: the per-channel mean, shape `(input_size,)`: real numbers, floating
+            or integer (converted to the statistics' dtype).
         - `var`: the per-channel variance (as inference uses it; PyTorch's and
             Flax's running variances are), shape `(input_size,)`, non-negative.
         - `counter`: the step counter to store (for the debiased approaches, how
             many training steps the statistics stand for: PyTorch's
-            `num_batches_tracked`; for `"running"`, how many values). `None` keeps
-            the current one.
+            `num_batches_tracked`; for `"running"`, how many values), an integer
+            scalar from 0 to 2**31 - 1. `None` keeps the current one.
 
         **Returns:**
 
@@ -302,44 +306,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        A `ValueError` for a wrong shape, a value that is not finite, a negative
-        variance or a negative `counter`; a `TypeError` for a `counter` that is not an
-        int.
+        A `ValueError` for a wrong shape, a value that is not finite (in the
+        statistics' dtype), a negative variance or a `counter` out of range; a
+        `TypeError` for complex or boolean statistics, or a `counter` that is not an
+        integer. Under `jit`, values that are not finite, negative or out of range
+        raise at run time instead, with the same message.
         """
         old = self._running(state)
-        arrays = []
-        for name, value in (("mean", mean), ("var", var)):
-            array = jnp.asarray(value)
-            if array.shape != (self.input_size,):
-                raise ValueError(
-                    f"`set_statistics`: `{name}` has shape {tuple(array.shape)}, but "
-                    f"this layer has {self.input_size} channels: pass shape "
-                    f"({self.input_size},)."
-                )
-            try:
-                values = np.asarray(array, np.float64)
-            except jax.errors.TracerArrayConversionError:
-                values = None  # under `jit`: checked when it runs, not here
-            if values is not None:
-                if not np.all(np.isfinite(values)):
-                    raise ValueError(f"`set_statistics`: `{name}` is not finite.")
-                if name == "var" and np.any(values < 0):
-                    raise ValueError(
-                        "`set_statistics`: `var` has a negative value; pass a "
-                        "variance, not a standard deviation or a log-variance."
-                    )
-            arrays.append(array.astype(old.mean.dtype))
+        size, dtype = self.input_size, old.mean.dtype
+        where = "set_statistics"
+        mean = real_statistic("mean", mean, size, dtype, where=where, variance=False)
+        var = real_statistic("var", var, size, dtype, where=where, variance=True)
         if counter is None:
-            count = old.counter
+            counter = old.counter
         else:
-            counter = _int("counter", counter, "`counter=int(num_batches_tracked)`")
-            if not 0 <= counter <= np.iinfo(np.int32).max:
-                raise ValueError(
-                    f"`set_statistics`: `counter` must be from 0 to "
-                    f"{np.iinfo(np.int32).max} (an int32 step count), got {counter}."
-                )
-            count = jnp.asarray(counter, jnp.int32)
-        return state.set(self.state_index, RunningStats(arrays[0], arrays[1], count))
+            example = "counter=int(num_batches_tracked)"
+            counter = step_count("counter", counter, where=where, example=example)
+        return state.set(self.state_index, RunningStats(mean, var, counter))
 
     def _running(self, state: eqx.nn.State) -> RunningStats:
         """This layer's running statistics, checked to be those of `input_size`

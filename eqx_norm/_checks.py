@@ -3,7 +3,9 @@ argument, says what was wrong and shows a value that works."""
 
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # The largest count an int32 step counter can reach.
@@ -39,8 +41,9 @@ def positive_int(
     (bools included), a `ValueError` naming the argument for one out of range."""
     number = as_int(name, value, example)
     if number < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}; e.g. "
-                         f"`{example}`.")
+        raise ValueError(
+            f"`{name}` must be a positive int, got {value!r}; e.g. `{example}`."
+        )
     if maximum is not None and number > maximum:
         raise ValueError(
             f"`{name}` must be at most {maximum}, got {value!r}; e.g. `{example}`."
@@ -98,3 +101,87 @@ def non_negative(name: str, value: Any, example: str, *, schedule: bool = True) 
             f"`{name}` must be finite and at least 0, got {value!r}; "
             f"e.g. `{name}={example}`."
         )
+
+
+def real_statistic(
+    name: str, value: Any, size: int, dtype: Any, *, where: str, variance: bool
+) -> jax.Array:
+    """`value` as a per-channel statistic of shape `(size,)` in the floating `dtype`:
+    real numbers (integers are converted exactly, as far as `dtype` holds them),
+    finite in `dtype`, and with `variance=True` at least 0.
+
+    A `TypeError` for complex, boolean or non-numeric values and a `ValueError` for
+    a wrong shape, at once; for values that are not finite or are negative, a
+    `ValueError` at once where they are concrete, and a runtime error
+    (`eqx.error_if`) under `jit`, so that no state is ever made from them."""
+    concrete = _concrete(value)
+    array = value if concrete is None else concrete
+    real = (np.integer, np.floating)
+    if not any(np.issubdtype(array.dtype, kind) for kind in real):
+        raise TypeError(
+            f"`{where}`: `{name}` must hold real numbers, got dtype {array.dtype}; "
+            "statistics are never complex or boolean. Pass the real per-channel "
+            f"values, e.g. `{name}.real` where the imaginary part is 0."
+        )
+    if array.shape != (size,):
+        raise ValueError(
+            f"`{where}`: `{name}` has shape {tuple(array.shape)}, but this layer has "
+            f"{size} channels: pass shape ({size},)."
+        )
+    not_finite = (
+        f"`{where}`: `{name}` is not finite (NaN or infinity in {jnp.dtype(dtype)}), "
+        "and a non-finite statistic would stop every later training step from "
+        "updating the state. Pass finite statistics; where the source's are already "
+        "corrupted, `eqx_norm.recalibrate` recomputes them from data."
+    )
+    negative = (
+        f"`{where}`: `{name}` has a negative value; pass a variance, not a standard "
+        "deviation or a log-variance (e.g. `std**2` or `jnp.exp(log_var)`)."
+    )
+    if concrete is None:
+        stored = array.astype(dtype)
+        stored = eqx.error_if(stored, ~jnp.all(jnp.isfinite(stored)), not_finite)
+        if variance:
+            stored = eqx.error_if(stored, jnp.any(stored < 0), negative)
+        return stored
+    with np.errstate(over="ignore"):  # an overflow is reported as not finite
+        stored = np.asarray(array, dtype)
+    if not np.all(np.isfinite(stored)):
+        raise ValueError(not_finite)
+    if variance and np.any(stored < 0):
+        raise ValueError(negative)
+    return jnp.asarray(stored)
+
+
+def step_count(name: str, value: Any, *, where: str, example: str) -> jax.Array:
+    """`value` as an int32 step count in [0, `INT32_MAX`]: a Python, NumPy or JAX
+    integer scalar, traced or not, but not a bool. A `TypeError` for any other
+    value; a `ValueError` for a concrete one out of range, and a runtime error
+    (`eqx.error_if`) for a traced one."""
+    if isinstance(value, (bool, np.bool_)) or _concrete(value) is not None:
+        count = as_int(name, value, example)
+        if not 0 <= count <= INT32_MAX:
+            raise ValueError(
+                f"`{where}`: `{name}` must be from 0 to {INT32_MAX} (an int32 step "
+                f"count), got {count}."
+            )
+        return jnp.asarray(count, jnp.int32)
+    if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"`{where}`: `{name}` must be an integer scalar, got a traced array of "
+            f"shape {tuple(value.shape)} and dtype {value.dtype}; e.g. `{example}`."
+        )
+    info = jnp.iinfo(value.dtype)
+    out_of_range = jnp.asarray(False)
+    if info.min < 0:
+        out_of_range = out_of_range | (value < 0)
+    if info.max > INT32_MAX:
+        out_of_range = out_of_range | (value > INT32_MAX)
+    value = eqx.error_if(
+        value,
+        out_of_range,
+        f"`{where}`: `{name}` must be from 0 to {INT32_MAX} (an int32 step count); "
+        "a negative or larger count would corrupt the debiasing of the running "
+        f"statistics. Pass a count in that range, e.g. `{example}`.",
+    )
+    return value.astype(jnp.int32)

@@ -444,3 +444,76 @@ def test_channelwise_affine_off_and_dtype(getkey):
     bn16, state16 = make(3, dtype=jnp.bfloat16)
     assert bn16.weight is not None and bn16.weight.dtype == jnp.bfloat16
     assert bn16.statistics(state16)[0].dtype == jnp.float32
+
+
+# ------------------------------------------------------------- set_statistics
+
+_JIT_OR_NOT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def _set_statistics(bn, jit):
+    """`bn.set_statistics`, or the same under `jax.jit` with every argument traced."""
+    if jit:
+        return jax.jit(lambda s, m, v, c: bn.set_statistics(s, m, v, counter=c))
+    return lambda s, m, v, c: bn.set_statistics(s, m, v, counter=c)
+
+
+@_JIT_OR_NOT
+@pytest.mark.parametrize(
+    "mean, var, counter, message",
+    [
+        ([np.nan, 0.0, 0.0], [1.0, 1.0, 1.0], 1, r"`mean` is not finite.*recalibrate"),
+        ([0.0, 0.0, 0.0], [1.0, np.inf, 1.0], 1, r"`var` is not finite"),
+        ([0.0, 0.0, 0.0], [1.0, -0.1, 1.0], 1, r"`var` has a negative value"),
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], -1, r"`counter` must be from 0"),
+    ],
+    ids=["nan-mean", "inf-var", "negative-var", "negative-counter"],
+)
+def test_set_statistics_under_jit_stored_nan_or_negative_statistics(
+    mean, var, counter, message, jit, getkey
+):
+    """Under `jit` the statistics were stored unchecked: a NaN mean made the
+    non-finite guard refuse every later training step. Now it is an error eagerly
+    and at run time under `jit`, and the state stays as it was."""
+    bn, state = make(3)
+    mean, var = np.asarray(mean, np.float32), np.asarray(var, np.float32)
+    if jit:
+        counter = np.int32(counter)  # traced, as the statistics are
+    with pytest.raises(RuntimeError if jit else ValueError, match=message):
+        jax.block_until_ready(_set_statistics(bn, jit)(state, mean, var, counter))
+    _, state = apply(bn, batches(getkey(), 1, (8, 3))[0], state)
+    assert int(state.get(bn.state_index).counter) == 1
+
+
+@_JIT_OR_NOT
+def test_set_statistics_under_jit_stores_good_statistics_and_a_traced_counter(jit):
+    bn, state = make(3)
+    mean, var = np.array([0.5, -1.0, 2.0]), np.array([0.25, 4.0, 0.0])
+    state = _set_statistics(bn, jit)(state, mean, var, np.int32(7))
+    np.testing.assert_allclose(bn.statistics(state), (mean, var), rtol=1e-7)
+    assert int(state.get(bn.state_index).counter) == 7
+
+
+@_JIT_OR_NOT
+@pytest.mark.parametrize("name", ["mean", "var"])
+def test_set_statistics_dropped_the_imaginary_part_of_complex_statistics(name, jit):
+    """`[1+2j, 0, 0]` was stored as `[1, 0, 0]`; complex statistics are now a
+    `TypeError`, as complex layer input is."""
+    bn, state = make(3)
+    stats = {"mean": np.zeros(3), "var": np.ones(3)}
+    stats[name] = stats[name] + np.array([2j, 0, 0])
+    with pytest.raises(TypeError, match=rf"`{name}` must hold real numbers.*complex"):
+        _set_statistics(bn, jit)(state, stats["mean"], stats["var"], np.int32(1))
+
+
+@_JIT_OR_NOT
+def test_set_statistics_converts_integers_and_refuses_booleans(jit):
+    """Integer statistics (`[0, 0, 0]`, `[1, 1, 1]`) are numbers, stored exactly as
+    floats; booleans are not statistics."""
+    bn, state = make(3)
+    set_ = _set_statistics(bn, jit)
+    new = set_(clone(state), np.array([0, 1, -2]), np.array([1, 2, 3]), np.int32(1))
+    assert bn.statistics(new)[0].dtype == jnp.float32
+    np.testing.assert_array_equal(bn.statistics(new), ([0, 1, -2], [1, 2, 3]))
+    with pytest.raises(TypeError, match=r"`var` must hold real numbers.*bool"):
+        set_(state, np.zeros(3), np.ones(3, bool), np.int32(1))
