@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -8,9 +9,11 @@ import pytest
 
 from eqx_norm import data, experiments
 from eqx_norm.experiments import __main__ as cli, _report
-from eqx_norm.experiments._run import _batch_indices, _loss_fn
+from eqx_norm.experiments._run import _batch_indices
+from eqx_norm.experiments._training import loss_with_output_stats
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.adam
 def test_default_run_reproduces_the_reports_claims():
     """The default settings (bundled digits, momentum 0.99, 3 seeds, 100 steps)
@@ -38,6 +41,7 @@ def test_default_run_reproduces_the_reports_claims():
     assert np.all(results.runs["batch"]["norm_std"][:, 0] <= 1)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_cli_with_sam_writes_plots_json_and_claims(tmp_path, capsys):
     argv = [
@@ -71,7 +75,7 @@ def test_cli_with_sam_writes_plots_json_and_claims(tmp_path, capsys):
     model, state = eqx.nn.make_with_state(experiments.CNN)(
         "ema", 0.99, key=jax.random.key(1)
     )
-    grads, _ = eqx.filter_grad(_loss_fn, has_aux=True)(
+    grads, _ = eqx.filter_grad(loss_with_output_stats, has_aux=True)(
         model, state, jnp.asarray(images[idx]), jnp.asarray(labels[idx])
     )
     leaves = [
@@ -86,7 +90,7 @@ def test_cli_with_sam_writes_plots_json_and_claims(tmp_path, capsys):
 
 
 def test_cli_and_config_errors(capsys):
-    with pytest.raises(ValueError, match="Unknown approach 'bach'"):
+    with pytest.raises(ValueError, match="unknown approach 'bach'"):
         experiments.Config(approaches=("bach",))
     with pytest.raises(ValueError, match="`seeds` must be at least 1"):
         experiments.Config(seeds=0)
@@ -120,11 +124,12 @@ def test_accuracy_panel_is_fitted_to_the_runs():
     assert _report.accuracy_limits([np.array([1.0, 1.0])]) == (0.995, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.adam
 def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
     """`python -m eqx_norm.experiments sam` at a tiny budget: every method runs, the
     outputs have their shapes, and the summary is the figures' own arithmetic."""
-    argv = ["sam", "--dataset", "digits", "--steps", "4", "--seeds", "1"]
+    argv = ["sam", "--dataset", "digits", "--steps", "4", "--seeds", "2"]
     argv += ["--evaluations", "1", "--out", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -138,10 +143,10 @@ def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
     assert tuple(payload["runs"]) == methods
     assert payload["config"]["steps"] == 4 and payload["versions"]["jax"]
     for method, run in payload["runs"].items():
-        assert np.asarray(run["loss"]).shape == (1, 4)
+        assert np.asarray(run["loss"]).shape == (2, 4)
         assert run["eval_steps"] == [4]
         error = np.asarray(run["test_error"])
-        assert error.shape == (1, 1) and np.all((error > 0) & (error < 1))
+        assert error.shape == (1, 2) and np.all((error > 0) & (error < 1))
         assert np.all(np.asarray(run["train_seconds"]) > 0)
         row = payload["summary"]["methods"][method]
         np.testing.assert_allclose(row["test_error"], error[-1].mean())
@@ -167,7 +172,7 @@ def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
 
 @pytest.mark.standard_promotion  # optax.adam
 def test_sam_comparison_config_errors(capsys):
-    with pytest.raises(ValueError, match="Unknown method 'lookasm'"):
+    with pytest.raises(ValueError, match="unknown name 'lookasm'"):
         experiments.SAMConfig(methods=("lookasm",))
     with pytest.raises(ValueError, match=r"`batch_size` \(60\) must be a multiple"):
         experiments.SAMConfig(batch_size=60, micro_batches=8)
@@ -179,12 +184,435 @@ def test_sam_comparison_config_errors(capsys):
         experiments.SAMConfig(seeds=2.5)  # pyright: ignore[reportArgumentType]
     with pytest.raises((ValueError, TypeError), match="methods"):
         experiments.SAMConfig(methods="sam")  # pyright: ignore[reportArgumentType]
-    # A bad radius reaches the optimizer, which names it; the command exits 2.
+    # A bad radius is checked by the optimizer, which names it; the command exits 2.
     argv = ["sam", "--dataset", "digits", "--rho", "-1", "--no-progress"]
-    assert cli.main(argv) == 2
-    assert "`rho` must be finite and at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        cli.main(argv)
+    assert "--rho: must be finite and at least 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["sam", "--methods", "lookasm"])
     assert "invalid choice: 'lookasm'" in capsys.readouterr().err
-    assert cli.main(["sam", "--dataset", "mnist", "--data-dir", "/nonexistent"]) == 2
-    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        cli.main(["sam", "--dataset", "mnist", "--data-dir", "/nonexistent"])
+    assert "--data-dir: '/nonexistent' does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the commands
+# Every value is checked, and the output folder found writable, before any data is
+# loaded or any step runs: these tests make loading and training fail if reached.
+
+
+@pytest.fixture
+def no_work(monkeypatch, tmp_path):
+    """Loading data or training fails the test; returns an output folder that must
+    not be made."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("data was loaded or a step ran")
+
+    monkeypatch.setattr(cli, "run", reached)
+    monkeypatch.setattr(cli, "run_sam_comparison", reached)
+    monkeypatch.setattr(data, "load_dataset", reached)
+    return tmp_path / "out"
+
+
+def _refused(argv, flag, out, capsys, says=""):
+    """`argv` is an argparse error (exit status 2, no traceback) naming `flag`,
+    with no output folder made."""
+    if "--out" not in argv:
+        argv = argv + ["--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: " in err and says in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+SAM = ["sam", "--dataset", "digits"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_sam_command_trained_nan_with_a_nan_or_infinite_learning_rate(
+    value, no_work, capsys
+):
+    _refused(SAM + ["--learning-rate", value], "--learning-rate", no_work, capsys)
+
+
+def test_sam_command_let_an_every_beyond_int32_crash_the_first_step(no_work, capsys):
+    """LookSAM counts steps in int32: `--every 2**40` passed the check and failed
+    at the first step."""
+    argv = SAM + ["--every", str(2**40)]
+    _refused(argv, "--every", no_work, capsys, "must be at most 2147483647")
+    with pytest.raises(ValueError, match="`every` must be at most 2147483647"):
+        experiments.SAMConfig(every=2**31)
+    assert experiments.SAMConfig(every=2**31 - 1).every == 2**31 - 1
+
+
+@pytest.mark.parametrize("command", [[], SAM])
+def test_out_naming_a_file_failed_only_after_all_training(
+    command, no_work, tmp_path, capsys
+):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = command + ["--out", str(file)]
+    _refused(argv, "--out", no_work, capsys, f"{str(file)!r} is a file")
+    # A folder cannot be made inside a file either, nor over a result's name.
+    argv = command + ["--out", str(file / "results")]
+    _refused(argv, "--out", no_work, capsys, "cannot be made")
+    (tmp_path / "taken" / "results.json").mkdir(parents=True)
+    argv = command + ["--out", str(tmp_path / "taken")]
+    _refused(argv, "--out", no_work, capsys, "")
+    assert file.read_text() == ""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [[], SAM])
+def test_out_in_a_folder_that_cannot_be_written_is_refused(command, no_work, capsys):
+    """Checked by writing, so that it holds for root and read-only mounts too."""
+    argv = command + ["--out", "/proc/eqx_norm-results"]
+    _refused(argv, "--out", no_work, capsys, "'/proc/eqx_norm-results' is not writable")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--momentum", "1.5"], "--momentum"),
+        (["--momentum", "nan"], "--momentum"),
+        (["--sam", "--rho", "-1"], "--rho"),
+        (["--learning-rate", "nan"], "--learning-rate"),
+        (["--learning-rate", "-0.1"], "--learning-rate"),
+    ],
+)
+def test_main_command_checked_momentum_and_rho_only_after_the_first_run(
+    argv, flag, no_work, capsys
+):
+    """`--momentum 1.5` and `--sam --rho -1` were refused when the run that used
+    them started, after `none` had trained."""
+    _refused(argv, flag, no_work, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, flag, says",
+    [
+        (["--learning-rate", "-0.003"], "--learning-rate", "must be above 0"),
+        (["--learning-rate", "0"], "--learning-rate", "must be above 0"),
+        (["--steps", "10", "--evaluations", "20"], "--evaluations", "at most 1"),
+        (["--steps", "100", "--evaluations", "50"], "--evaluations", "at most 10"),
+        (["--methods", "adam", "sam", "adam"], "--methods", "names 'adam' twice"),
+    ],
+)
+def test_sam_command_ran_gradient_ascent_fewer_evaluations_and_a_method_twice(
+    argv, flag, says, no_work, capsys
+):
+    _refused(SAM + argv, flag, no_work, capsys, says)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--steps", "-1"], "--steps"),
+        (["--steps", str(2**31)], "--steps"),
+        (["--steps", str(2**30), "--seeds", "3"], "--steps"),
+        (["--batch-size", "1"], "--batch-size"),
+        (["--approaches", "batch", "batch"], "--approaches"),
+        (["--asam"], "--asam"),
+        (["--download"], "--download"),
+        (["--rho", "inf"], "--rho"),
+        (["--data-dir", "tests/test_experiment.py"], "--data-dir"),
+        (SAM + ["--seeds", "0"], "--seeds"),
+        (SAM + ["--evaluations", "0"], "--evaluations"),
+        (SAM + ["--micro-batches", "0"], "--micro-batches"),
+        (SAM + ["--batch-size", "6"], "--batch-size"),
+        (SAM + ["--alpha", "nan"], "--alpha"),
+        (SAM + ["--asam-rho", "inf"], "--asam-rho"),
+        (SAM + ["--rho", "-0.5"], "--rho"),
+        (SAM + ["--every", "0"], "--every"),
+        (SAM + ["--steps", str(2**31 - 1)], "--steps"),
+        (SAM + ["--data-dir", "/nonexistent"], "--data-dir"),
+    ],
+)
+def test_hostile_values_are_argparse_errors_before_any_work(
+    argv, flag, no_work, capsys
+):
+    _refused(argv, flag, no_work, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--seeds", "two"], "invalid int value: 'two'"),
+        (["--momentum", "x"], "invalid float value: 'x'"),
+        (["--approaches"], "expected at least one argument"),
+        (SAM + ["--approach", "bach"], "invalid choice: 'bach'"),
+        (SAM + ["--every", "2**40"], "invalid int value: '2**40'"),
+    ],
+)
+def test_malformed_values_are_argparse_errors(argv, says, no_work, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        cli.main(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_missing_fashion_mnist_folder_said_pass_folder_not_data_dir(
+    no_work, tmp_path, capsys
+):
+    """The command-line error names the flag, not the library's `folder`."""
+    argv = ["sam", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]
+    _refused(argv, "--data-dir", no_work, capsys, f"{str(tmp_path)!r} holds no train")
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--out", str(no_work)])
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte[.gz]" in err and "`folder`" not in err
+    # Through the library, the setting's own name; still a FileNotFoundError.
+    with pytest.raises(FileNotFoundError, match="`data_dir`"):
+        experiments.run(experiments.Config(data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("command", [[], ["sam"]])
+def test_help_showed_no_defaults(command, capsys):
+    with pytest.raises(SystemExit, match="0"):
+        cli.main(command + ["--help"])
+    out = capsys.readouterr().out
+    for default in ("(default: 64)", "(default: 0.003)", "(default: 0.05)"):
+        assert default in out
+    if command:
+        assert "(default: 2000)" in out and "(default: results/sam)" in out
+        assert "(default: fashion-mnist)" in out and "(default: 5)" in out
+    else:
+        assert "(default: 100)" in out and "(default: results)" in out
+        assert "(default: 0.99)" in out and "(default: digits)" in out
+
+
+# ------------------------------------------ the outputs, from synthetic results
+
+
+def _results(seeds: int, steps: int = 5) -> experiments.Results:
+    rng = np.random.default_rng(0)
+    run = {
+        k: rng.uniform(0.5, 2, (seeds, steps))
+        for k in ("loss", "grad_norm", "grad_norm_max_leaf", "norm_mean", "norm_std")
+    }
+    run["test_accuracy"] = rng.uniform(0.8, 0.9, seeds)
+    run["seconds"] = np.asarray(1.0)
+    config = experiments.Config(seeds=seeds, steps=steps, approaches=("batch", "ema"))
+    return experiments.Results(config, {"batch": run, "ema": dict(run)}, {}, 1.0)
+
+
+def _sam_results(seeds: int) -> experiments.SAMResults:
+    rng = np.random.default_rng(0)
+    runs = {
+        method: {
+            "loss": rng.uniform(0.1, 1, (seeds, 10)),
+            "eval_steps": np.asarray([5, 10]),
+            "test_error": rng.uniform(0.1, 0.2, (2, seeds)),
+            "train_seconds": np.tile([[1.0], [2.0]], (1, seeds)),
+            "seconds_per_step": np.full(seeds, 0.01),
+        }
+        for method in ("adam", "sam", "looksam")
+    }
+    config = experiments.SAMConfig(
+        dataset="digits", methods=tuple(runs), seeds=seeds, steps=10, evaluations=1
+    )
+    return experiments.SAMResults(config, runs, {}, 1.0)
+
+
+def test_sam_summary_gave_a_spread_and_verdicts_from_one_seed():
+    """`± 0.0000` and "sam beats adam: holds" from one seed: now no spread, no
+    verdict, and a line saying why."""
+    one = _sam_results(1)
+    summary = experiments.sam_summary(one)
+    assert summary["claims"] == {} and "at least 2 seeds" in summary["no_claims"]
+    assert all(row["test_error_std"] is None for row in summary["methods"].values())
+    table = experiments.sam_table(one)
+    assert "holds" not in table and "0.0000" not in table
+    assert "no verdict" in table and "at least 2 seeds" in table
+    two = experiments.sam_summary(_sam_results(2))
+    assert "sam beats adam" in two["claims"] and "no_claims" not in two
+    assert "holds" in experiments.sam_table(_sam_results(2))
+
+
+def _figure(monkeypatch, module, plot, results):
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    plot(results, "unused.png")
+    return figures[0]
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_figures_did_not_say_what_their_marks_are(monkeypatch, seeds):
+    """The instability figure's lines are medians and its bands ranges over seeds;
+    the SAM figure's points are means and its bars ranges (its table: the standard
+    deviation and the range). Each says so on the figure, in its legend."""
+    import matplotlib.pyplot as plt
+
+    from eqx_norm.experiments import _sam_comparison
+
+    fig = _figure(monkeypatch, _report, experiments.plot, _results(seeds))
+    legend = fig.axes[0].get_legend().get_title().get_text()
+    fig_sam = _figure(
+        monkeypatch, _sam_comparison, experiments.plot_sam, _sam_results(seeds)
+    )
+    legend_sam = fig_sam.axes[0].get_legend().get_title().get_text()
+    if seeds == 1:
+        assert "no bands" in legend and "no bars" in legend_sam
+    else:
+        assert legend == "lines: median over 3 seeds; bands: range (min to max)"
+        assert legend_sam == "points: mean over 3 seeds; bars: range (min to max)"
+    plt.close("all")
+
+
+@pytest.mark.parametrize("command", [[], ["sam"]])
+def test_each_command_wires_config_run_save_and_table(
+    command, monkeypatch, tmp_path, capsys
+):
+    """The commands in-process, with the training replaced by synthetic results:
+    the flags reach the configuration, and the outputs are written and printed."""
+    seen = []
+
+    def fake(config, *, progress):
+        seen.append((config, progress))
+        return _sam_results(2) if command else _results(2)
+
+    monkeypatch.setattr(cli, "run_sam_comparison" if command else "run", fake)
+    argv = command + ["--dataset", "digits", "--seeds", "2", "--steps", "10"]
+    argv += ["--out", str(tmp_path), "--no-progress"]
+    argv += ["--asam-rho", "0.3", "--evaluations", "1"] if command else ["--sam"]
+    assert cli.main(argv) == 0
+    config, progress = seen[0]
+    assert (config.seeds, config.steps, progress) == (2, 10, False)
+    assert config.asam_rho == 0.3 if command else config.sam
+    printed = capsys.readouterr().out
+    names = ("sam.png", "table.txt") if command else ("instability.png", "claims.txt")
+    for name in names + ("results.json",):
+        assert str(tmp_path / name) in printed and (tmp_path / name).is_file()
+
+
+def test_docs_build_ran_the_experiment_silently(monkeypatch, tmp_path, caplog):
+    """The first `mkdocs build` runs the experiment (about a minute): it says what
+    it runs, and when it is done."""
+    import importlib.util
+    import logging
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", "docs/hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    monkeypatch.setattr(hooks, "HERE", tmp_path)
+    monkeypatch.setattr(experiments, "run", lambda config, progress: _results(1))
+
+    def save(results, out):
+        return {"plot": Path(out) / "instability.png"}
+
+    monkeypatch.setattr(experiments, "save_results", save)
+    with caplog.at_level(logging.INFO, logger="mkdocs"):
+        hooks.on_pre_build(None)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("Running the instability experiment")
+    assert messages[1].startswith("Ran the instability experiment in")
+    assert "instability.png" in messages[1]
+
+
+def test_experiments_use_only_the_public_api():
+    """The SAM comparison borrowed six private helpers of its sibling: what the
+    experiments share is in modules of their own, under public names, and they
+    import from the package only its public API."""
+    import ast
+
+    for path in Path("eqx_norm/experiments").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert not (node.level == 2 and module.startswith("_")), path
+                assert not module.startswith("eqx_norm._"), path
+                for alias in node.names:
+                    assert not alias.name.startswith("_"), (path, alias.name)
+
+
+# ------------------------------------------------------------- the benchmarks
+# Their flags are checked by argparse before anything compiles; these tests parse
+# in-process and never time anything.
+
+
+def _benchmark(name, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend("benchmarks")
+    return importlib.import_module(name)
+
+
+def _bench_refused(parse, argv, flag, capsys, says=""):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: " in err and says in err, err
+
+
+def test_benchmark_one_number_shape_was_an_index_error(monkeypatch, capsys):
+    """`--shapes 64` and `--shape 512` crashed with an IndexError traceback."""
+    bench = _benchmark("bench_batch_norm", monkeypatch)
+    kernels = _benchmark("list_kernels", monkeypatch)
+    _bench_refused(bench.parse_args, ["--shapes", "64"], "--shapes", capsys, "N,C")
+    _bench_refused(
+        kernels.parser().parse_args, ["--shape", "512"], "--shape", capsys, "N,C"
+    )
+    assert bench.parse_args(["--shapes", "2,512", "8,3,4,4"]).shapes == [
+        (2, 512),
+        (8, 3, 4, 4),
+    ]
+
+
+def test_benchmark_batch_without_variance_or_ghost_batches_failed_late(
+    monkeypatch, capsys
+):
+    """A batch of one without spatial axes (no batch variance) and `--options`
+    with a batch that ghost batches of 16 cannot split failed after compiling."""
+    bench = _benchmark("bench_batch_norm", monkeypatch)
+    kernels = _benchmark("list_kernels", monkeypatch)
+    models = _benchmark("bench_models", monkeypatch)
+    _bench_refused(bench.parse_args, ["--shapes", "1,512"], "--shapes", capsys)
+    _bench_refused(kernels.parser().parse_args, ["--shape", "1,64"], "--shape", capsys)
+    argv = ["--options", "--shapes", "64,512", "40,512"]
+    _bench_refused(bench.parse_args, argv, "--shapes", capsys, "multiple of 16")
+    assert bench.parse_args(["--shapes", "1,3,4,4"]).shapes == [(1, 3, 4, 4)]
+    _bench_refused(models.parse_args, ["--batch", "1"], "--batch", capsys, "below 2")
+
+
+@pytest.mark.parametrize(
+    "script, argv, flag",
+    [
+        ("bench_batch_norm", ["--rounds", "0"], "--rounds"),
+        ("bench_batch_norm", ["--calls", "-1"], "--calls"),
+        ("bench_batch_norm", ["--shapes", "64,0"], "--shapes"),
+        ("bench_batch_norm", ["--shapes", "64,,512"], "--shapes"),
+        ("bench_batch_norm", ["--shapes", ""], "--shapes"),
+        ("bench_batch_norm", ["--shapes", "64,512", "64,512"], "--shapes"),
+        ("bench_batch_norm", ["--shapes", "65536,65536"], "--shapes"),
+        ("bench_batch_norm", ["--rounds", "1e3"], "--rounds"),
+        ("list_kernels", ["--shape", "64,x"], "--shape"),
+        ("list_kernels", ["--dtype", "float16"], "--dtype"),
+        ("list_kernels", ["--hlo", "/nonexistent"], "--hlo"),
+        ("list_kernels", ["--hlo", "tests/test_experiment.py"], "--hlo"),
+        ("bench_models", ["--models", "mlp", "mlp"], "--models"),
+        ("bench_models", ["--models", "vgg"], "--models"),
+        ("bench_models", ["--compiles", "0"], "--compiles"),
+        ("bench_models", ["--batch", "nan"], "--batch"),
+        ("bench_training", ["--rounds", "-3"], "--rounds"),
+        ("bench_fold", ["--rounds", "0"], "--rounds"),
+    ],
+)
+def test_benchmark_flags_refuse_zero_negative_and_malformed_values(
+    script, argv, flag, monkeypatch, capsys
+):
+    module = _benchmark(script, monkeypatch)
+    parse = getattr(module, "parse_args", None) or module.parser().parse_args
+    _bench_refused(parse, argv, flag, capsys)

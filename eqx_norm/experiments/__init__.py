@@ -20,6 +20,10 @@ print(experiments.sam_table(results))
 experiments.save_sam_results(results, "results/sam")
 ```
 
+Every setting is checked when its configuration is made: a setting that cannot
+run raises `experiments.SettingError` (a `ValueError`) naming it, before any data
+is loaded or any step runs.
+
 From the shell: `python -m eqx_norm.experiments sam --help`.
 """
 
@@ -46,14 +50,20 @@ from ._sam_comparison import (
     save_sam_results as save_sam_results,
     summary as sam_summary,
 )
+from ._settings import (
+    DataNotFoundError as DataNotFoundError,
+    SettingError as SettingError,
+)
 
 __all__ = [
     "CNN",
     "Config",
+    "DataNotFoundError",
     "DEFAULT_APPROACHES",
     "Results",
     "SAMConfig",
     "SAMResults",
+    "SettingError",
     "claims",
     "claims_table",
     "loss_fn",

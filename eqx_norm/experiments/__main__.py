@@ -1,13 +1,20 @@
 """`python -m eqx_norm.experiments`: run the instability experiment from the shell;
-`python -m eqx_norm.experiments sam`: the SAM comparison."""
+`python -m eqx_norm.experiments sam`: the SAM comparison.
+
+Every value is checked, and the output folder found writable, before any data is
+loaded or any step runs; a value that cannot run is an argparse error that names
+its flag (exit status 2)."""
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from .._approaches import APPROACHES
+from .. import APPROACHES
 from ..data import DATASETS
 from ._report import claims_table, save_results
-from ._run import DEFAULT_APPROACHES, Config, run
+from ._run import DEFAULT_APPROACHES, KNOWN_APPROACHES, Config, run
 from ._sam_comparison import (
     METHODS,
     SAMConfig,
@@ -15,6 +22,46 @@ from ._sam_comparison import (
     sam_table,
     save_sam_results,
 )
+from ._settings import (
+    SettingError,
+    check_data_folder,
+    check_installed,
+    check_output_folder,
+)
+
+# The files each command writes into --out.
+_FILES = ("instability.png", "results.json", "claims.txt")
+_SAM_FILES = ("sam.png", "results.json", "table.txt")
+# Settings whose flag is not `--` and the setting's name with dashes.
+_FLAGS = {"adaptive": "--asam"}
+
+
+def _flag(setting: str) -> str:
+    return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _add_shared(p: argparse.ArgumentParser, d: Config | SAMConfig, out: str) -> None:
+    """The flags both commands have, with the defaults of `d`."""
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per run")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="examples per step"
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d.learning_rate,
+        help="Adam's learning rate, above 0",
+    )
+    p.add_argument("--rho", type=float, default=d.rho, help="SAM's radius, at least 0")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="a folder of {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
+        "(default: the data set's own folder)",
+    )
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,50 +72,44 @@ def _parser() -> argparse.ArgumentParser:
         "BatchNorm output statistics; check the claims of the Equinox "
         "BatchNorm-instability report. `python -m eqx_norm.experiments sam "
         "--help`: the SAM comparison.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = Config()
     p.add_argument(
         "--dataset",
         choices=DATASETS,
         default=d.dataset,
-        help="digits: 5,000 real MNIST digits shipped with the package "
-        "(default); mnist: the full MNIST (see --data-dir, --download); "
-        "fashion-mnist: from Debian's dataset-fashion-mnist or --data-dir",
+        help="digits: 5,000 real MNIST digits shipped with the package; mnist: the "
+        "full MNIST (see --data-dir, --download); fashion-mnist: from Debian's "
+        "dataset-fashion-mnist or --data-dir",
     )
     p.add_argument(
         "--approaches",
         nargs="+",
         default=list(DEFAULT_APPROACHES),
-        choices=("none",) + tuple(APPROACHES),
+        choices=KNOWN_APPROACHES,
         metavar="APPROACH",
-        help="approaches to compare, 'none' for no BatchNorm (default: "
-        f"{' '.join(DEFAULT_APPROACHES)}); any of: none "
-        f"{' '.join(APPROACHES)}",
+        help="approaches to compare, each once, 'none' for no BatchNorm; any of: "
+        f"{' '.join(KNOWN_APPROACHES)}",
     )
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument(
-        "--sam",
-        action="store_true",
-        help="also run every approach with SAM around Adam",
+        "--momentum",
+        type=float,
+        default=d.momentum,
+        help="BatchNorm momentum (the weight of the old value), in [0, 1)",
     )
-    p.add_argument("--asam", action="store_true", help="with --sam: use ASAM")
-    p.add_argument("--rho", type=float, default=d.rho, help="SAM's radius")
+    _add_shared(p, d, "results")
     p.add_argument(
-        "--data-dir",
-        default=None,
-        help="a folder of {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+        "--sam", action="store_true", help="also run every approach with SAM"
+    )
+    p.add_argument(
+        "--asam", dest="adaptive", action="store_true", help="with --sam: use ASAM"
     )
     p.add_argument(
         "--download",
         action="store_true",
         help="with --dataset mnist: download missing files (checksummed)",
     )
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -82,15 +123,16 @@ def _sam_parser() -> argparse.ArgumentParser:
         "seeds), training loss and time per step relative to the base, as a table, "
         "a plot of test error against wall time, and results.json. The defaults "
         "(full Fashion-MNIST, 3 seeds, 2,000 steps) run in about 10 minutes on 2 "
-        "CPU cores, under 15.",
+        "CPU cores, under 15. With one seed there is no spread and no verdict.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--dataset",
         choices=DATASETS,
         default=d.dataset,
-        help="fashion-mnist (default): from Debian's dataset-fashion-mnist or "
-        "--data-dir; mnist: the full MNIST (--data-dir or the download cache); "
-        "digits: the 5,000 digits shipped with the package",
+        help="fashion-mnist: from Debian's dataset-fashion-mnist or --data-dir; "
+        "mnist: the full MNIST (--data-dir or the download cache); digits: the "
+        "5,000 digits shipped with the package",
     )
     p.add_argument(
         "--methods",
@@ -98,52 +140,93 @@ def _sam_parser() -> argparse.ArgumentParser:
         default=list(d.methods),
         choices=METHODS,
         metavar="METHOD",
-        help="methods to compare, the first is the base (default: "
-        f"{' '.join(METHODS)})",
+        help=f"methods to compare, each once, the first is the base; any of: "
+        f"{' '.join(METHODS)}",
     )
-    p.add_argument("--approach", default=d.approach, help="the BatchNorm approach")
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--rho", type=float, default=d.rho, help="SAM's radius")
-    p.add_argument("--asam-rho", type=float, default=d.asam_rho, help="ASAM's radius")
-    p.add_argument("--every", type=int, default=d.every, help="LookSAM's period")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="LookSAM's alpha")
+    p.add_argument(
+        "--approach",
+        default=d.approach,
+        choices=tuple(APPROACHES),
+        metavar="APPROACH",
+        help=f"the BatchNorm approach, one of: {' '.join(APPROACHES)}",
+    )
+    _add_shared(p, d, "results/sam")
+    p.add_argument(
+        "--asam-rho", type=float, default=d.asam_rho, help="ASAM's radius, at least 0"
+    )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=d.every,
+        help="LookSAM's period, from 1 to 2**31-1",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=d.alpha, help="LookSAM's alpha, at least 0"
+    )
     p.add_argument(
         "--micro-batches",
         type=int,
         default=d.micro_batches,
         help="for sam-per-micro-batch: micro-batches, each perturbed by its own "
-        "gradient",
+        "gradient; --batch-size must be a multiple, at least twice as large",
     )
     p.add_argument(
         "--evaluations",
         type=int,
         default=d.evaluations,
-        help="how many times the test error is measured during training",
+        help="how many times the test error is measured during training, at most "
+        "once per chunk of up to 10 steps",
     )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="a folder of {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-    )
-    p.add_argument(
-        "--out", default="results/sam", help="output folder (default: results/sam)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def _run_and_report(run_it, save, table, out: str) -> int:
-    """Run an experiment, save its outputs in `out` and print its table; a bad
-    setting or a missing file is one line on stderr and exit status 2."""
+def _config(config_type: type, args: argparse.Namespace) -> Any:
+    """The configuration from the parsed flags (each named after its field)."""
+    values = {}
+    for field in dataclasses.fields(config_type):
+        value = getattr(args, field.name)
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return config_type(**values)
+
+
+def _main(
+    parser: argparse.ArgumentParser,
+    config_type: type,
+    run_it: Callable[..., Any],
+    save: Callable[[Any, str], dict],
+    table: Callable[[Any], str],
+    files: Iterable[str],
+    argv: list[str],
+) -> int:
+    """Parse and check every flag (an argparse error naming the flag), then run,
+    save the outputs in --out and print the table."""
+    args = parser.parse_args(argv)
     try:
-        results = run_it()
-    except (ValueError, FileNotFoundError, OSError) as e:
+        config = _config(config_type, args)
+        check_output_folder(args.out, files)
+        check_data_folder(
+            config.dataset, config.data_dir, getattr(config, "download", False)
+        )
+    except SettingError as e:
+        parser.error(f"argument {_flag(e.setting)}: {e.problem}")
+    try:
+        check_installed("matplotlib", "for the plots")
+        if not args.no_progress:
+            check_installed("tqdm", "for the progress bar (or pass --no-progress)")
+    except ImportError as e:
+        parser.error(str(e))
+    try:
+        results = run_it(config, progress=not args.no_progress)
+    except SettingError as e:
+        parser.error(f"argument {_flag(e.setting)}: {e.problem}")
+    except (ValueError, OSError) as e:  # an invalid data file, a failed download
         print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = save(results, out)
+    try:
+        paths = save(results, args.out)
+    except OSError as e:
+        print(f"error: writing the results to {args.out!r}: {e}", file=sys.stderr)
+        return 2
     print(table(results))
     print(
         f"\n{results.seconds:.1f} s in all; wrote "
@@ -152,55 +235,19 @@ def _run_and_report(run_it, save, table, out: str) -> int:
     return 0
 
 
-def _main_sam(argv: list[str]) -> int:
-    args = _sam_parser().parse_args(argv)
-
-    def run_it():
-        config = SAMConfig(
-            dataset=args.dataset,
-            methods=tuple(args.methods),
-            approach=args.approach,
-            seeds=args.seeds,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            rho=args.rho,
-            asam_rho=args.asam_rho,
-            every=args.every,
-            alpha=args.alpha,
-            micro_batches=args.micro_batches,
-            evaluations=args.evaluations,
-            data_dir=args.data_dir,
-        )
-        return run_sam_comparison(config, progress=not args.no_progress)
-
-    return _run_and_report(run_it, save_sam_results, sam_table, args.out)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sam"]:
-        return _main_sam(argv[1:])
-    args = _parser().parse_args(argv)
-
-    def run_it():
-        config = Config(
-            dataset=args.dataset,
-            approaches=tuple(args.approaches),
-            momentum=args.momentum,
-            seeds=args.seeds,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            sam=args.sam,
-            rho=args.rho,
-            adaptive=args.asam,
-            data_dir=args.data_dir,
-            download=args.download,
+        return _main(
+            _sam_parser(),
+            SAMConfig,
+            run_sam_comparison,
+            save_sam_results,
+            sam_table,
+            _SAM_FILES,
+            argv[1:],
         )
-        return run(config, progress=not args.no_progress)
-
-    return _run_and_report(run_it, save_results, claims_table, args.out)
+    return _main(_parser(), Config, run, save_results, claims_table, _FILES, argv)
 
 
 if __name__ == "__main__":

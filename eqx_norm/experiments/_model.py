@@ -3,8 +3,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._approaches import Approach
-from .._batch_norm import BatchNorm
+from .. import Approach, BatchNorm
 
 
 class CNN(eqx.Module):

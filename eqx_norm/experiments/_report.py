@@ -141,7 +141,11 @@ def plot(results: Results, path: str | Path) -> Path:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(
+        fontsize=8,
+        title=marks_note(results.config.seeds, "lines", "bands", "median"),
+        title_fontsize=8,
+    )
     ax = axes.flat[5]
     labels = list(results.runs)
     accuracy = [np.asarray(results.runs[k]["test_accuracy"]) for k in labels]
@@ -160,13 +164,22 @@ def plot(results: Results, path: str | Path) -> Path:
     ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set_ylim(*accuracy_limits(accuracy))
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title("test accuracy (held-out): mean, range over seeds")
+    ax.set_title("test accuracy (held-out)")
+    ax.set_ylabel(marks_note(results.config.seeds, "points", "bars"), fontsize=8)
     c = results.config
     fig.suptitle(
         f"{c.dataset}: momentum {c.momentum}, {c.seeds} seeds, {c.steps} steps, "
         f"batch {c.batch_size}, Adam {c.learning_rate}"
     )
     return save_figure(fig, path)
+
+
+def marks_note(seeds: int, centre: str, spread: str, statistic: str = "mean") -> str:
+    """What a figure's marks are, for its legend: `centre` the `statistic` over the
+    seeds, `spread` their range."""
+    if seeds < 2:
+        return f"{centre}: the one seed; no {spread} (a spread needs two seeds)"
+    return f"{centre}: {statistic} over {seeds} seeds; {spread}: range (min to max)"
 
 
 def save_figure(fig, path: str | Path) -> Path:

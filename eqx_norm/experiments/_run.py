@@ -1,25 +1,30 @@
 import dataclasses
-import importlib.metadata
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float
 
-from .. import data
-from .._approaches import APPROACHES, Approach
-from .._sam import sam
-from .._step import sam_step
-from ._model import CNN, batch_forward, cross_entropy
+from .. import APPROACHES, Approach, BatchNorm, sam
+from ._model import CNN
+from ._settings import SettingError, check_names, check_shared, wrap
+from ._training import (
+    accuracy,
+    chunk_size,
+    load_splits,
+    train_chunk,
+    training_step,
+    versions,
+)
 
 DEFAULT_APPROACHES = ("none", "batch", "ema", "adam-correction", "smooth-start")
+KNOWN_APPROACHES = ("none",) + tuple(APPROACHES)
+"""What `Config.approaches` may name: `"none"` (no BatchNorm) or an approach."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,24 +63,43 @@ class Config:
     download: bool = False
 
     def __post_init__(self):
-        known = ("none",) + tuple(APPROACHES)
-        for a in self.approaches:
-            if isinstance(a, str) and a not in known:
-                raise ValueError(f"Unknown approach {a!r}; choose from {known}.")
-            if not isinstance(a, (str, Approach)):
-                raise ValueError(
-                    f"`approaches` holds {a!r}; give names or `eqx_norm.Approach` "
-                    "objects."
+        """Every setting checked before any data is loaded or any step runs: a
+        `eqx_norm.experiments.SettingError` (a `ValueError`) names the one that
+        cannot run."""
+        check_shared(self, self.seeds * self.steps * self.batch_size)
+        approaches = self.approaches
+        if isinstance(approaches, str) or not isinstance(approaches, (tuple, list)):
+            raise SettingError(
+                "approaches", f"must be a tuple, got {approaches!r}; e.g. ('batch',)."
+            )
+        for a in approaches:
+            if isinstance(a, str) and a not in KNOWN_APPROACHES:
+                raise SettingError(
+                    "approaches",
+                    f"holds the unknown approach {a!r}; choose from "
+                    f"{KNOWN_APPROACHES}.",
                 )
-        if not self.approaches:
-            raise ValueError("`approaches` is empty; name at least one.")
-        for name in ("seeds", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1.")
-        if self.batch_size < 2:
-            raise ValueError("`batch_size` must be at least 2 for a batch variance.")
-        if self.dataset not in data.DATASETS:
-            raise ValueError(f"`dataset` must be one of {data.DATASETS}.")
+            if not isinstance(a, (str, Approach)):
+                raise SettingError(
+                    "approaches",
+                    f"holds {a!r}; give names or `eqx_norm.Approach` objects.",
+                )
+        labels = tuple(approach_name(a) for a in approaches)
+        check_names("approaches", labels, labels)
+        wrap("momentum", BatchNorm, 1, "batch", momentum=self.momentum)
+        for name in ("sam", "adaptive", "download"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(
+                    name, f"must be a bool, got {getattr(self, name)!r}."
+                )
+        if self.adaptive and not self.sam:
+            raise SettingError(
+                "adaptive", "(ASAM) applies only with `sam` (--sam), which is off."
+            )
+        if self.download and self.dataset != "mnist":
+            raise SettingError(
+                "download", f"is for `dataset='mnist'` only, not {self.dataset!r}."
+            )
 
 
 @dataclasses.dataclass
@@ -115,41 +139,6 @@ class Results:
         }
 
 
-class _GradNorms(NamedTuple):
-    global_norm: Float[Array, ""]
-    max_leaf: Float[Array, ""]
-
-
-def _record_grad_norms() -> optax.GradientTransformation:
-    """Passes gradients through unchanged, keeping their norms in its state."""
-
-    def init_fn(params):
-        del params
-        return _GradNorms(jnp.zeros(()), jnp.zeros(()))
-
-    def update_fn(updates, state, params=None):
-        del state, params
-        leaves = [
-            jnp.sqrt(jnp.sum(g.astype(jnp.float32) ** 2))
-            for g in jax.tree.leaves(updates)
-        ]
-        return updates, _GradNorms(optax.tree.norm(updates), jnp.max(jnp.stack(leaves)))
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _grad_norms(opt_state) -> _GradNorms:
-    """The gradient norms that `_record_grad_norms` kept, wherever they are in the
-    chained optimizer state."""
-    is_norms = lambda x: isinstance(x, _GradNorms)  # noqa: E731
-    return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_norms) if is_norms(x))
-
-
-def _loss_fn(model, state, x, y):
-    log_probs, state, out = batch_forward(model, state, x)
-    return cross_entropy(log_probs, y), (state, (jnp.mean(out), jnp.std(out)))
-
-
 def _batch_indices(n: int, seeds: int, steps: int, batch_size: int) -> np.ndarray:
     """Shuffled epochs, one order per seed: shape (steps, seeds, batch_size)."""
     out = np.empty((seeds, steps * batch_size), np.int32)
@@ -160,21 +149,6 @@ def _batch_indices(n: int, seeds: int, steps: int, batch_size: int) -> np.ndarra
             : steps * batch_size
         ]
     return out.reshape(seeds, steps, batch_size).transpose(1, 0, 2)
-
-
-def _chunk_size(steps: int, most: int = 10) -> int:
-    return max(d for d in range(1, most + 1) if steps % d == 0)
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("jax", "jaxlib", "equinox", "optax", "eqx_norm"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["backend"] = jax.default_backend()
-    return out
 
 
 def _train_one(
@@ -190,24 +164,21 @@ def _train_one(
     base = optax.adam(config.learning_rate)
     if use_sam:
         base = sam(base, rho=config.rho, adaptive=config.adaptive)
-    optimizer = optax.chain(_record_grad_norms(), base)
-    step = eqx.filter_vmap(
-        sam_step(_loss_fn, optimizer, has_aux=True),
-        in_axes=(eqx.if_array(0),) * 3 + (0, 0),
-    )
+    optimizer, step = training_step(base)
+    step = eqx.filter_vmap(step, in_axes=(eqx.if_array(0),) * 3 + (0, 0))
     start = time.perf_counter()
     ensemble = _ensemble(approach, optimizer, config)
     indices = _batch_indices(
         len(train[0]), config.seeds, config.steps, config.batch_size
     )
-    chunk = _chunk_size(config.steps)
+    chunk = chunk_size(config.steps)
     metrics = []
     for t in range(0, config.steps, chunk):
-        ensemble, m = _train_chunk(step, ensemble, indices[t : t + chunk], *train)
+        ensemble, m = train_chunk(step, ensemble, indices[t : t + chunk], *train)
         metrics.append(jax.device_get(m))
         on_steps(chunk)
     run = {name: np.concatenate([m[name] for m in metrics]).T for name in metrics[0]}
-    run["test_accuracy"] = _test_accuracy(ensemble[:2], *test)
+    run["test_accuracy"] = accuracy(ensemble[:2], *test)
     run["seconds"] = np.asarray(time.perf_counter() - start)
     return run
 
@@ -222,54 +193,6 @@ def _ensemble(approach: str | Approach, optimizer, config: Config):
 
     keys = jnp.stack([jax.random.key(s) for s in range(config.seeds)])
     return eqx.filter_vmap(make)(keys)
-
-
-@eqx.filter_jit
-def _train_chunk(step, ensemble, indices, images, labels):
-    """`len(indices)` steps of every seed's model (a `lax.scan`), and the metrics of
-    each step."""
-    dynamic, static = eqx.partition(ensemble, eqx.is_array)
-
-    def body(dynamic, idx):
-        model, state, opt_state = eqx.combine(dynamic, static)
-        model, state, opt_state, loss, (mean, std) = step(
-            model, state, opt_state, images[idx], labels[idx]
-        )
-        norms = _grad_norms(opt_state)
-        dynamic = eqx.filter((model, state, opt_state), eqx.is_array)
-        metrics = {
-            "loss": loss,
-            "grad_norm": norms.global_norm,
-            "grad_norm_max_leaf": norms.max_leaf,
-            "norm_mean": mean,
-            "norm_std": std,
-        }
-        return dynamic, metrics
-
-    dynamic, metrics = jax.lax.scan(body, dynamic, indices)
-    return eqx.combine(dynamic, static), metrics
-
-
-def _test_accuracy(models_and_states, images, labels, chunk: int = 1000):
-    """Each seed's accuracy on the test set, in chunks of `chunk` images."""
-    correct = np.zeros(len(jax.tree.leaves(models_and_states)[0]))
-    for i in range(0, len(images), chunk):
-        correct += np.asarray(
-            _count_correct(
-                models_and_states, images[i : i + chunk], labels[i : i + chunk]
-            )
-        )
-    return correct / len(images)
-
-
-@eqx.filter_jit
-def _count_correct(models_and_states, images, labels):
-    def one(model, state):
-        model = eqx.nn.inference_mode(model)
-        log_probs, _, _ = batch_forward(model, state, images)
-        return jnp.sum(jnp.argmax(log_probs, axis=1) == labels)
-
-    return eqx.filter_vmap(one)(*models_and_states)
 
 
 def approach_name(approach: str | Approach) -> str:
@@ -297,15 +220,7 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
     The [`eqx_norm.experiments.Results`][].
     """
     start = time.perf_counter()
-    train = data.load_dataset(
-        config.dataset,
-        "train",
-        folder=config.data_dir,
-        download_missing=config.download,
-    )
-    test = data.load_dataset(config.dataset, "test", folder=config.data_dir)
-    train = (jnp.asarray(train[0]), jnp.asarray(train[1]))
-    test = (jnp.asarray(test[0]), jnp.asarray(test[1]))
+    train, test = load_splits(config.dataset, config.data_dir, config.download)
     plan: Sequence[tuple[str | Approach, bool]] = [
         (a, False) for a in config.approaches
     ]
@@ -331,4 +246,4 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
         )
     if bar is not None:
         bar.close()
-    return Results(config, runs, _versions(), time.perf_counter() - start)
+    return Results(config, runs, versions(), time.perf_counter() - start)

@@ -11,23 +11,20 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import data
-from .._looksam import looksam
-from .._sam import sam
-from .._step import sam_step
+from .. import APPROACHES, looksam, sam
 from ._model import CNN
-from ._report import save_figure
-from ._run import (
-    _chunk_size,
-    _loss_fn,
-    _record_grad_norms,
-    _test_accuracy,
-    _train_chunk,
-    _versions,
+from ._report import marks_note, save_figure
+from ._settings import SettingError, check_int, check_names, check_shared, wrap
+from ._training import (
+    accuracy,
+    chunk_size,
+    load_splits,
+    train_chunk,
+    training_step,
+    versions,
 )
 
 METHODS = ("adam", "sam", "asam", "looksam", "sam-per-micro-batch")
@@ -79,38 +76,43 @@ class SAMConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
-            raise ValueError(
-                f"`methods` must be a tuple of names, got the string {self.methods!r}; "
-                f"e.g. `methods=({self.methods!r},)`."
+        """Every setting checked before any data is loaded or any step runs: a
+        `eqx_norm.experiments.SettingError` (a `ValueError`) names the one that
+        cannot run."""
+        check_shared(self, self.steps * self.batch_size)
+        check_names("methods", self.methods, METHODS)
+        if self.approach not in APPROACHES:
+            raise SettingError(
+                "approach",
+                f"is the unknown approach {self.approach!r}; choose from "
+                f"{tuple(APPROACHES)}.",
             )
-        ints = ("seeds", "steps", "batch_size", "every", "micro_batches", "evaluations")
-        for name in ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"`{name}` must be an int, got {value!r}.")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"Unknown method {m!r}; choose from {METHODS}.")
-        if not self.methods:
-            raise ValueError("`methods` is empty; name at least one.")
-        for name in ("seeds", "steps", "every", "micro_batches", "evaluations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1.")
-        if self.batch_size < 2 * self.micro_batches:
-            raise ValueError(
-                "`batch_size` must be at least twice `micro_batches`, for a batch "
-                "variance in every micro-batch."
+        wrap("asam_rho", sam, optax.identity(), rho=self.asam_rho, adaptive=True)
+        check_int("every", self.every, 1)  # LookSAM's int32 step counter
+        wrap("alpha", looksam, optax.identity(), alpha=self.alpha)
+        check_int("micro_batches", self.micro_batches, 1)
+        if "sam-per-micro-batch" in self.methods:
+            if self.batch_size < 2 * self.micro_batches:
+                raise SettingError(
+                    "batch_size",
+                    "must be at least twice `micro_batches`, for a batch variance "
+                    "in every micro-batch.",
+                )
+            if self.batch_size % self.micro_batches:
+                raise SettingError(
+                    "batch_size",
+                    f"({self.batch_size}) must be a multiple of `micro_batches` "
+                    f"({self.micro_batches}).",
+                )
+        chunks = self.steps // chunk_size(self.steps)
+        check_int("evaluations", self.evaluations, 1)
+        if self.evaluations > chunks:
+            raise SettingError(
+                "evaluations",
+                f"must be at most {chunks} for {self.steps} steps: the test error "
+                f"is measured between chunks of {chunk_size(self.steps)} steps, "
+                f"got {self.evaluations}.",
             )
-        if "sam-per-micro-batch" in self.methods and (
-            self.batch_size % self.micro_batches
-        ):
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) must be a multiple of "
-                f"`micro_batches` ({self.micro_batches})."
-            )
-        if self.dataset not in data.DATASETS:
-            raise ValueError(f"`dataset` must be one of {data.DATASETS}.")
 
 
 @dataclasses.dataclass
@@ -149,7 +151,9 @@ class SAMResults:
         }
 
 
-def _optimizer(method: str, config: SAMConfig) -> optax.GradientTransformation:
+def _step(method: str, config: SAMConfig):
+    """The method's optimizer and its `sam_step`, built once for all seeds so that
+    the training chunk compiles once."""
     base = optax.adam(config.learning_rate)
     if method in ("sam", "sam-per-micro-batch"):
         base = sam(base, rho=config.rho)
@@ -157,22 +161,21 @@ def _optimizer(method: str, config: SAMConfig) -> optax.GradientTransformation:
         base = sam(base, rho=config.asam_rho, adaptive=True)
     elif method == "looksam":
         base = looksam(base, rho=config.rho, every=config.every, alpha=config.alpha)
-    return optax.chain(_record_grad_norms(), base)
+    if method == "sam-per-micro-batch":
+        return training_step(
+            base, micro_batches=config.micro_batches, perturbation="per-micro-batch"
+        )
+    return training_step(base)
 
 
-def _step(method: str, config: SAMConfig):
-    """The method's optimizer and its `sam_step`, built once for all seeds so that
-    the training chunk compiles once."""
-    optimizer = _optimizer(method, config)
-    per_micro_batch = method == "sam-per-micro-batch"
-    step = sam_step(
-        _loss_fn,
-        optimizer,
-        has_aux=True,
-        micro_batches=config.micro_batches if per_micro_batch else 1,
-        perturbation="per-micro-batch" if per_micro_batch else "whole-batch",
-    )
-    return optimizer, step
+def evaluation_steps(steps: int, evaluations: int) -> set[int]:
+    """After which steps the test error is measured: `evaluations` ends of chunks,
+    spread evenly, the last at `steps`."""
+    chunk = chunk_size(steps)
+    return {
+        chunk * -(-round(steps * (k + 1) / evaluations) // chunk)
+        for k in range(evaluations)
+    }
 
 
 def _train_seed(
@@ -196,22 +199,19 @@ def _train_seed(
     epochs = -(-config.steps * config.batch_size // n)
     order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
     indices = order[: config.steps * config.batch_size].reshape(config.steps, -1)
-    chunk = _chunk_size(config.steps)
-    targets = {
-        chunk * -(-round(config.steps * (k + 1) / config.evaluations) // chunk)
-        for k in range(config.evaluations)
-    }
+    chunk = chunk_size(config.steps)
+    targets = evaluation_steps(config.steps, config.evaluations)
     losses, times, evaluated, errors = [], [], [], []
     for t in range(0, config.steps, chunk):
         begin = time.perf_counter()
-        trio, metrics = _train_chunk(step, trio, indices[t : t + chunk], *train)
+        trio, metrics = train_chunk(step, trio, indices[t : t + chunk], *train)
         losses.append(np.asarray(metrics["loss"]))  # waits for the chunk
         times.append(time.perf_counter() - begin)
         if t + chunk in targets:
             stacked = jax.tree.map(
                 lambda a: a[None] if eqx.is_array(a) else a, trio[:2]
             )
-            errors.append(1 - float(_test_accuracy(stacked, *test)[0]))
+            errors.append(1 - float(accuracy(stacked, *test)[0]))
             evaluated.append(len(times))
         on_steps(chunk)
     if len(times) > 1:  # the first chunk compiles: count it as a typical one
@@ -243,10 +243,7 @@ def run_sam_comparison(
     start = time.perf_counter()
     # Every optimizer first, so that a bad hyperparameter fails before any training.
     steps = {method: _step(method, config) for method in config.methods}
-    train = data.load_dataset(config.dataset, "train", folder=config.data_dir)
-    test = data.load_dataset(config.dataset, "test", folder=config.data_dir)
-    train = (jnp.asarray(train[0]), jnp.asarray(train[1]))
-    test = (jnp.asarray(test[0]), jnp.asarray(test[1]))
+    train, test = load_splits(config.dataset, config.data_dir)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -280,7 +277,12 @@ def run_sam_comparison(
         }
     if bar is not None:
         bar.close()
-    return SAMResults(config, runs, _versions(), time.perf_counter() - start)
+    return SAMResults(config, runs, versions(), time.perf_counter() - start)
+
+
+MIN_SEEDS_FOR_CLAIMS = 2
+"""Below this many seeds the summary gives no spread and no verdict: one seed's
+difference between two methods is as likely noise as a finding."""
 
 
 def summary(results: SAMResults) -> dict[str, Any]:
@@ -289,17 +291,21 @@ def summary(results: SAMResults) -> dict[str, Any]:
     seeds) and the time per step relative to the first method's (the base
     optimizer, by default); and the verdicts of the claims: SAM and ASAM reach a
     lower mean test error than the base, LookSAM costs at most 1.3x the base's time
-    per step and keeps at least half of SAM's gain."""
+    per step and keeps at least half of SAM's gain.
+
+    With fewer than two seeds there is no spread (`test_error_std` is `None`) and
+    no verdict (`claims` is empty, and `no_claims` says why)."""
     runs = results.runs
     base = next(iter(runs))
     base_time = float(np.median(runs[base]["seconds_per_step"]))
+    spread = results.config.seeds >= MIN_SEEDS_FOR_CLAIMS
     rows = {}
     for method, run in runs.items():
         final = run["test_error"][-1]
         tail = max(1, run["loss"].shape[1] // 10)
         rows[method] = {
             "test_error": float(np.mean(final)),
-            "test_error_std": float(np.std(final)),
+            "test_error_std": float(np.std(final)) if spread else None,
             "test_error_min": float(np.min(final)),
             "test_error_max": float(np.max(final)),
             "train_loss": float(np.mean(run["loss"][:, -tail:])),
@@ -307,13 +313,21 @@ def summary(results: SAMResults) -> dict[str, Any]:
                 np.median(run["seconds_per_step"]) / base_time
             ),
         }
+    if not spread:
+        return {
+            "base": base,
+            "methods": rows,
+            "claims": {},
+            "no_claims": f"{results.config.seeds} seed: no spread over seeds and no "
+            f"verdict on the claims (they need at least {MIN_SEEDS_FOR_CLAIMS} "
+            "seeds, --seeds).",
+        }
     verdicts = {}
-    if base in rows:
-        for method in ("sam", "asam"):
-            if method in rows and method != base:
-                verdicts[f"{method} beats {base}"] = bool(
-                    rows[method]["test_error"] < rows[base]["test_error"]
-                )
+    for method in ("sam", "asam"):
+        if method in rows and method != base:
+            verdicts[f"{method} beats {base}"] = bool(
+                rows[method]["test_error"] < rows[base]["test_error"]
+            )
     if "looksam" in rows and base != "looksam":
         verdicts[f"looksam costs at most {LOOKSAM_BUDGET}x {base}"] = bool(
             rows["looksam"]["time_per_step_vs_base"] <= LOOKSAM_BUDGET
@@ -328,31 +342,42 @@ def summary(results: SAMResults) -> dict[str, Any]:
 
 
 def sam_table(results: SAMResults) -> str:
-    """The summary as a plain-text table, then the claims and whether they hold."""
+    """The summary as a plain-text table, then the claims and whether they hold
+    (with fewer than two seeds: no spread, no verdict, and why)."""
     s = summary(results)
     lines = [
         f"{'method':<22}{'test error':>12}{'± std':>9}{'range':>17}"
         f"{'train loss':>12}{'time/step':>11}"
     ]
     for method, row in s["methods"].items():
+        std, lo, hi = (
+            row[k] for k in ("test_error_std", "test_error_min", "test_error_max")
+        )
+        spread = (
+            f"{'-':>9}{'-':>17}" if std is None else f"{std:>9.4f}{lo:>8.4f}-{hi:<8.4f}"
+        )
         lines.append(
-            f"{method:<22}{row['test_error']:>12.4f}{row['test_error_std']:>9.4f}"
-            f"{row['test_error_min']:>8.4f}-{row['test_error_max']:<8.4f}"
+            f"{method:<22}{row['test_error']:>12.4f}{spread}"
             f"{row['train_loss']:>12.4f}{row['time_per_step_vs_base']:>10.2f}x"
         )
     c = results.config
     lines.append(
-        f"\n{c.dataset}, {c.seeds} seeds, {c.steps} steps of batch {c.batch_size}, "
-        f"Adam {c.learning_rate}; time per step relative to {s['base']}."
+        f"\n{c.dataset}, {c.seeds} seed{'s' * (c.seeds != 1)}, {c.steps} steps of "
+        f"batch {c.batch_size}, Adam {c.learning_rate}; test error: mean over seeds, "
+        f"± its standard deviation, range min-max; time per step relative to "
+        f"{s['base']}."
     )
+    if "no_claims" in s:
+        lines.append(s["no_claims"])
     for claim, holds in s["claims"].items():
         lines.append(f"{claim}: {'holds' if holds else 'does not hold'}")
     return "\n".join(lines)
 
 
 def plot_sam(results: SAMResults, path: str | Path) -> Path:
-    """Test error against training wall time, one line per method (the mean over
-    seeds, with its range as error bars), saved to `path`."""
+    """Test error against training wall time, one line per method: each point the
+    mean over seeds, its error bar the range (min to max) over seeds, as the
+    figure's note says; saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,8 +399,9 @@ def plot_sam(results: SAMResults, path: str | Path) -> Path:
     ax.set_xlabel("training wall time per seed (s)")
     ax.set_ylabel("test error (held-out)")
     ax.grid(alpha=0.3)
-    ax.legend()
     c = results.config
+    note = marks_note(c.seeds, "points", "bars")
+    ax.legend(title=note, title_fontsize=8, fontsize=9)
     ax.set_title(
         f"{c.dataset}: CNN with BatchNorm ({c.approach}), {c.seeds} seeds, "
         f"{c.steps} steps, Adam {c.learning_rate}",
