@@ -4,9 +4,12 @@ the per-round ratios. Machines are shared and noisy: compare ratios within one r
 not absolute times."""
 
 import argparse
+import math
+import os
 import random
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -120,3 +123,75 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a shape such as 64,512 ({error})"
         ) from None
+
+
+# The most elements one benchmark array may hold: a bigger shape is a typo.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def parse_batch_shape(text: str) -> tuple[int, ...]:
+    """An argparse type: a batch shape `N,C[,spatial...]` (batch size, channels,
+    then any spatial sizes) with a batch variance (at least two values per
+    channel) and at most `MAX_ELEMENTS` elements, e.g. 64,512 or 256,64,56,56."""
+    shape = parse_shape(text)
+    if len(shape) < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {len(shape)} size; a batch shape is N,C[,spatial...], "
+            "e.g. 64,512 or 256,64,56,56"
+        )
+    values_per_channel = shape[0] * math.prod(shape[2:])
+    if values_per_channel < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has one value per channel, so no batch variance; use a "
+            "batch of at least 2 (e.g. 2,512) or spatial sizes"
+        )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {math.prod(shape)} elements, more than {MAX_ELEMENTS}"
+        )
+    return shape
+
+
+def at_least_two(text: str) -> int:
+    """An argparse type: a whole number of at least 2 (a batch with a variance)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value} is below 2: a batch of one has no batch variance"
+        )
+    return value
+
+
+def writable_folder(text: str) -> str:
+    """An argparse type: an existing folder that this process can write into."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=text):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not writable ({error.strerror})"
+        ) from None
+    return text
+
+
+def refuse_repeats(parser: argparse.ArgumentParser, flag: str, values) -> None:
+    """An argparse error naming `flag` if `values` holds one value twice."""
+    seen = []
+    for value in values:
+        if value in seen:
+            parser.error(f"argument {flag}: {value!r} is given twice; give each once")
+        seen.append(value)
+
+
+def rounds_parser(description: str) -> argparse.ArgumentParser:
+    """A parser that shows its defaults, with the `--rounds` every timing has."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=30, help="interleaved rounds"
+    )
+    return parser

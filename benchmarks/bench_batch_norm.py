@@ -20,9 +20,11 @@ from _timing import (
     interleaved,
     kernels,
     median,
-    parse_shape,
+    parse_batch_shape,
     positive_int,
     ratio,
+    refuse_repeats,
+    rounds_parser,
     table,
     temp_bytes,
 )
@@ -30,6 +32,7 @@ from _timing import (
 import eqx_norm
 
 SHAPES = [(64, 512), (64, 64, 32, 32), (128, 256, 8, 8)]
+GHOST = 16  # the ghost batch size of `bench_options`
 
 
 def _jit(f, args):
@@ -196,8 +199,10 @@ def bench_options(shape, rounds, calls=1):
     builders = {
         "plain": lambda: _options_step(x, None),
         "mask": lambda: _options_step(x, mask),
-        "ghost 16": lambda: _options_step(x, None, virtual_batch_size=16),
-        "ghost 16 + mask": lambda: _options_step(x, mask, virtual_batch_size=16),
+        f"ghost {GHOST}": lambda: _options_step(x, None, virtual_batch_size=GHOST),
+        f"ghost {GHOST} + mask": lambda: _options_step(
+            x, mask, virtual_batch_size=GHOST
+        ),
         "channels last": lambda: _options_step(
             jnp.moveaxis(x, 1, -1), None, channel_axis=-1
         ),
@@ -210,16 +215,17 @@ def bench_options(shape, rounds, calls=1):
     return interleaved(candidates, rounds=rounds, calls=calls)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=positive_int, default=30)
+def parser() -> argparse.ArgumentParser:
+    parser = rounds_parser(
+        "BatchNorm forward+backward against Equinox, Flax and a proxy."
+    )
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument(
         "--shapes",
         nargs="+",
-        type=parse_shape,
+        type=parse_batch_shape,
         metavar="N,C,...",
-        help="shapes to run instead of the default ones, e.g. 256,64,56,56",
+        help="batch shapes to run instead of the default ones, e.g. 256,64,56,56",
     )
     parser.add_argument(
         "--calls",
@@ -228,9 +234,33 @@ def main():
         help="calls per sample, waiting once at the end (on a GPU: device time)",
     )
     parser.add_argument(
-        "--options", action="store_true", help="only mask, ghost batches, layout"
+        "--options",
+        action="store_true",
+        help=f"only mask, ghost batches of {GHOST}, layout (batch a multiple of "
+        f"{GHOST})",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, every one checked before anything compiles: an argparse error
+    naming the flag otherwise."""
+    p = parser()
+    args = p.parse_args(argv)
+    refuse_repeats(p, "--shapes", args.shapes or ())
+    if args.options:
+        for shape in args.shapes or SHAPES:
+            if shape[0] % GHOST:
+                p.error(
+                    f"argument --shapes: with --options the batch size (the first "
+                    f"size) must be a multiple of {GHOST}, for ghost batches of "
+                    f"{GHOST}; got {','.join(map(str, shape))}"
+                )
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = args.shapes

@@ -10,7 +10,7 @@ import argparse
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _timing import interleaved, median, positive_int, ratio, table
+from _timing import interleaved, median, ratio, rounds_parser, table
 
 import eqx_norm
 from eqx_norm import experiments
@@ -59,10 +59,13 @@ def _inference(model, state, x):
     return lambda: run(dynamic, x)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=positive_int, default=30)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    parser = rounds_parser("Inference, folded against unfolded.")
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
     rows = []
 
     # The experiment's CNN (a custom module): fold its one BatchNorm by hand.

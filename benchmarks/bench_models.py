@@ -29,12 +29,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from _timing import (
+    at_least_two,
     compile_seconds,
     interleaved,
     kernels,
     median,
     positive_int,
     ratio,
+    refuse_repeats,
+    rounds_parser,
     table,
     temp_bytes,
 )
@@ -335,12 +338,19 @@ def bench_model(
     return rows, times
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=positive_int, default=30)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+def parser() -> argparse.ArgumentParser:
+    parser = rounds_parser("Whole training steps: eqx_norm against Equinox and Flax.")
     parser.add_argument(
-        "--batch", type=positive_int, help="a batch size for every model"
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="models to run, each once",
+    )
+    parser.add_argument(
+        "--batch",
+        type=at_least_two,
+        help="a batch size for every model, at least 2 (default: each model's own)",
     )
     parser.add_argument(
         "--compiles", type=positive_int, default=3, help="fresh compiles each"
@@ -351,7 +361,20 @@ def main():
         default=1,
         help="calls per sample, waiting once at the end (on a GPU: device time)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, every one checked before anything compiles: an argparse error
+    naming the flag otherwise."""
+    p = parser()
+    args = p.parse_args(argv)
+    refuse_repeats(p, "--models", args.models)
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; medians of "
         f"{args.rounds} interleaved rounds of {args.calls} call(s)"

@@ -15,7 +15,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import compile_seconds, interleaved, median, positive_int, ratio, table
+from _timing import (
+    compile_seconds,
+    interleaved,
+    median,
+    ratio,
+    rounds_parser,
+    table,
+)
 
 import eqx_norm
 from eqx_norm import data, experiments
@@ -79,10 +86,15 @@ def cheaper_sam(model, state, x, y, rounds):
     )
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=positive_int, default=30)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    parser = rounds_parser(
+        "MNIST CNN training steps: SAM against plain, eqx_norm against Equinox."
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
     images, labels = data.load_dataset("digits", "train")
     x, y = jnp.asarray(images[:64]), jnp.asarray(labels[:64])
     key = jax.random.key(0)

@@ -11,15 +11,38 @@ import re
 
 import bench_batch_norm as bench
 import jax
-from _timing import kernel_lines, parse_shape
+from _timing import kernel_lines, parse_batch_shape, writable_folder
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", type=parse_shape, default=(64, 512))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hlo", metavar="DIR", help="write each compiled program")
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="The kernels of each candidate's compiled forward+backward.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--shape",
+        type=parse_batch_shape,
+        default=(64, 512),
+        metavar="N,C,...",
+        help="the batch shape, e.g. 64,512 or 256,64,56,56",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the batch's dtype",
+    )
+    parser.add_argument(
+        "--hlo",
+        metavar="DIR",
+        type=writable_folder,
+        help="an existing folder to write each compiled program into",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
     shape = args.shape
     x = jax.random.normal(jax.random.key(0), shape).astype(args.dtype)
     builders = {
