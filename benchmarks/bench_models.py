@@ -23,24 +23,12 @@ import argparse
 import statistics
 from collections.abc import Callable
 
+import _timing as timing
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import (
-    at_least_two,
-    compile_seconds,
-    interleaved,
-    kernels,
-    median,
-    positive_int,
-    ratio,
-    refuse_repeats,
-    rounds_parser,
-    table,
-    temp_bytes,
-)
 
 import eqx_norm
 
@@ -310,25 +298,26 @@ def bench_model(
         seconds = []
         for _ in range(compiles):  # fresh compiles: a new jit object each time
             jitted, args = build()
-            took, compiled = compile_seconds(jitted, *args)
+            took, compiled = timing.compile_seconds(jitted, *args)
             seconds.append(took)
         compile_times[peer] = statistics.median(seconds)
-        memory[peer] = temp_bytes(compiled)
-        counts[peer] = kernels(compiled)
+        memory[peer] = timing.temp_bytes(compiled)
+        counts[peer] = timing.kernels(compiled)
         programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
-    times = interleaved(programs, rounds=rounds, calls=calls)
+    times = timing.interleaved(programs, rounds=rounds, calls=calls)
     floor = {"eqx_norm": "equinox, no BN", "equinox": "equinox, no BN"}
     floor["flax"] = "flax, no BN"
     rows = []
     for peer in programs:
         cost = "-"
         if peer in floor:
-            cost = f"{(median(times[peer]) - median(times[floor[peer]])) * 1e3:.2f}"
+            bn = timing.median(times[peer]) - timing.median(times[floor[peer]])
+            cost = f"{bn * 1e3:.2f}"
         rows.append(
             [
                 peer,
-                f"{median(times[peer]) * 1e3:.2f}",
-                f"{ratio(times, peer, 'eqx_norm'):.2f}",
+                f"{timing.median(times[peer]) * 1e3:.2f}",
+                f"{timing.ratio(times, peer, 'eqx_norm'):.2f}",
                 cost,
                 f"{compile_times[peer] / compile_times['eqx_norm']:.2f}",
                 f"{memory[peer] / 2**20:.1f}",
@@ -339,7 +328,9 @@ def bench_model(
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = rounds_parser("Whole training steps: eqx_norm against Equinox and Flax.")
+    parser = timing.rounds_parser(
+        "Whole training steps: eqx_norm against Equinox and Flax."
+    )
     parser.add_argument(
         "--models",
         nargs="+",
@@ -349,15 +340,15 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch",
-        type=at_least_two,
+        type=timing.at_least_two,
         help="a batch size for every model, at least 2 (default: each model's own)",
     )
     parser.add_argument(
-        "--compiles", type=positive_int, default=3, help="fresh compiles each"
+        "--compiles", type=timing.positive_int, default=3, help="fresh compiles each"
     )
     parser.add_argument(
         "--calls",
-        type=positive_int,
+        type=timing.positive_int,
         default=1,
         help="calls per sample, waiting once at the end (on a GPU: device time)",
     )
@@ -369,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     naming the flag otherwise."""
     p = parser()
     args = p.parse_args(argv)
-    refuse_repeats(p, "--models", args.models)
+    timing.refuse_repeats(p, "--models", args.models)
     return args
 
 
@@ -383,14 +374,14 @@ def main(argv: list[str] | None = None):
         rows, times = bench_model(
             name, args.rounds, args.compiles, args.batch, args.calls
         )
-        ours = {p: ratio(times, "eqx_norm", p) for p in PEERS[1:]}
+        ours = {p: timing.ratio(times, "eqx_norm", p) for p in PEERS[1:]}
         batch = args.batch or MODELS[name][3][0]
         print(
             f"\n{MODELS[name][0]}, batch {batch}: eqx_norm's step is "
             f"{ours['equinox']:.2f}x Equinox's, {ours['flax']:.2f}x Flax's"
         )
         print(
-            table(
+            timing.table(
                 rows,
                 [
                     "model",

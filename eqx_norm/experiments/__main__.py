@@ -40,25 +40,30 @@ def _flag(setting: str) -> str:
     return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
 
 
+def _add_values(
+    p: argparse.ArgumentParser, d: Config | SAMConfig, flags: dict[str, str]
+) -> None:
+    """Flags of one number each, from flag to help; type and default from `d`."""
+    for flag, help in flags.items():
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=type(default), default=default, help=help)
+
+
 def _add_shared(p: argparse.ArgumentParser, d: Config | SAMConfig, out: str) -> None:
     """The flags both commands have, with the defaults of `d`."""
-    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per run")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
-    p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="examples per step"
-    )
-    p.add_argument(
-        "--learning-rate",
-        type=float,
-        default=d.learning_rate,
-        help="Adam's learning rate, above 0",
-    )
-    p.add_argument("--rho", type=float, default=d.rho, help="SAM's radius, at least 0")
+    shared = {
+        "--seeds": "seeds per run",
+        "--steps": "training steps",
+        "--batch-size": "examples per step",
+        "--learning-rate": "Adam's learning rate, above 0",
+        "--rho": "SAM's radius, at least 0",
+    }
+    _add_values(p, d, shared)
     p.add_argument(
         "--data-dir",
         default=None,
         help="a folder of {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
-        "(default: the data set's own folder)",
+        "(default: the data set's own folder%(default).0s)",
     )
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,11 +97,10 @@ def _parser() -> argparse.ArgumentParser:
         help="approaches to compare, each once, 'none' for no BatchNorm; any of: "
         f"{' '.join(KNOWN_APPROACHES)}",
     )
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=d.momentum,
-        help="BatchNorm momentum (the weight of the old value), in [0, 1)",
+    _add_values(
+        p,
+        d,
+        {"--momentum": "BatchNorm momentum (the weight of the old value), in [0, 1)"},
     )
     _add_shared(p, d, "results")
     p.add_argument(
@@ -151,32 +155,17 @@ def _sam_parser() -> argparse.ArgumentParser:
         help=f"the BatchNorm approach, one of: {' '.join(APPROACHES)}",
     )
     _add_shared(p, d, "results/sam")
-    p.add_argument(
-        "--asam-rho", type=float, default=d.asam_rho, help="ASAM's radius, at least 0"
-    )
-    p.add_argument(
-        "--every",
-        type=int,
-        default=d.every,
-        help="LookSAM's period, from 1 to 2**31-1",
-    )
-    p.add_argument(
-        "--alpha", type=float, default=d.alpha, help="LookSAM's alpha, at least 0"
-    )
-    p.add_argument(
-        "--micro-batches",
-        type=int,
-        default=d.micro_batches,
-        help="for sam-per-micro-batch: micro-batches, each perturbed by its own "
-        "gradient; --batch-size must be a multiple, at least twice as large",
-    )
-    p.add_argument(
-        "--evaluations",
-        type=int,
-        default=d.evaluations,
-        help="how many times the test error is measured during training, at most "
-        "once per chunk of up to 10 steps",
-    )
+    sam_flags = {
+        "--asam-rho": "ASAM's radius, at least 0",
+        "--every": "LookSAM's period, from 1 to 2**31-1",
+        "--alpha": "LookSAM's alpha, at least 0",
+        "--micro-batches": "for sam-per-micro-batch: micro-batches, each perturbed "
+        "by its own gradient; --batch-size must be a multiple, at least twice as "
+        "large",
+        "--evaluations": "how many times the test error is measured during "
+        "training, at most once per chunk of up to 10 steps",
+    }
+    _add_values(p, d, sam_flags)
     return p
 
 
