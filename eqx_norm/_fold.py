@@ -8,10 +8,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._batch_norm import BatchNorm
-from ._from_equinox import equinox_statistics
+from ._from_equinox import equinox_inference_statistics
 
 _FOLDABLE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 
@@ -20,22 +21,105 @@ def _is_norm(x: Any) -> bool:
     return isinstance(x, (BatchNorm, eqx.nn.BatchNorm))
 
 
-def _affine(bn, state: eqx.nn.State) -> tuple[Array, Array]:
-    """`(scale, shift)` per channel: the BatchNorm's inference output is
-    `x * scale + shift`."""
+def _describe(x: Any) -> str:
+    return type(x).__name__
+
+
+def _name(bn) -> str:
+    """The BatchNorm as its constructor would be written."""
     if isinstance(bn, BatchNorm):
-        mean, var = bn.statistics(state)
-    else:
-        mean, var, _ = equinox_statistics(bn, state)
+        return (
+            f"`eqx_norm.BatchNorm(input_size={bn.input_size}, "
+            f"channel_axis={bn.channel_axis})`"
+        )
+    return f"`eqx.nn.BatchNorm(input_size={bn.input_size}, mode={bn.mode!r})`"
+
+
+def _unfoldable(layer, bn) -> str | None:
+    """Why `bn` cannot be folded into `layer` (it does not normalise the layer's
+    output channels), or `None` if it can."""
+    out = layer.weight.shape[0]
+    if isinstance(layer, eqx.nn.Linear) and layer.out_features == "scalar":
+        out = None
+    if bn.input_size != out:
+        return (
+            f"the {_describe(bn)} normalises {bn.input_size} channels, but the "
+            f"{_describe(layer)} before it has {out} output channels"
+        )
+    if not isinstance(bn, BatchNorm):
+        return None  # `eqx.nn.BatchNorm` normalises axis 0
+    ndim = 1 if isinstance(layer, eqx.nn.Linear) else layer.num_spatial_dims + 1
+    if not -ndim <= bn.channel_axis < ndim:
+        return (
+            f"the BatchNorm {_name(bn)} has `channel_axis={bn.channel_axis}`, out of "
+            f"range for the {ndim}-D output of the {_describe(layer)} before it (the "
+            "BatchNorm itself refuses that output); its output channels are "
+            f"`channel_axis=0` (or {-ndim})"
+        )
+    if bn.channel_axis % ndim != 0:
+        return (
+            f"the BatchNorm's `channel_axis={bn.channel_axis}` is not the "
+            f"{_describe(layer)}'s output channels (axis 0 of its {ndim}-D output)"
+        )
+    return None
+
+
+def _statistics(bn, state: eqx.nn.State, where: str) -> tuple[Array, Array]:
+    """The statistics the BatchNorm's own inference uses, exactly."""
+    try:
+        if isinstance(bn, BatchNorm):
+            return bn.statistics(state)
+        return equinox_inference_statistics(bn, state)
+    except KeyError:
+        raise ValueError(
+            f"{where}: the state does not hold the statistics of the BatchNorm "
+            f"{_name(bn)}: pass the state made with the model that holds it (by "
+            "`eqx.nn.make_with_state`, or returned by the last training step)."
+        ) from None
+
+
+def _concrete(x: Array) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None  # under `jit`: not checked
+
+
+def _affine(bn, state: eqx.nn.State, where: str) -> tuple[Array, Array]:
+    """`(scale, shift)` per channel: the BatchNorm's inference output is
+    `x * scale + shift`. A `ValueError` naming the channel if either is not finite
+    (where the statistics are concrete)."""
+    mean, var = _statistics(bn, state, where)
     scale = jax.lax.rsqrt(var + bn.eps)
     if bn.weight is not None and bn.bias is not None:
         scale = scale * bn.weight.astype(scale.dtype)
-        return scale, bn.bias.astype(scale.dtype) - mean * scale
-    return scale, -mean * scale
-
-
-def _describe(x: Any) -> str:
-    return type(x).__name__
+        shift = bn.bias.astype(scale.dtype) - mean * scale
+    else:
+        shift = -mean * scale
+    values = _concrete(jnp.stack([scale, shift]))
+    if values is not None and not np.all(np.isfinite(values)):
+        channel = int(np.flatnonzero(~np.all(np.isfinite(values), axis=0))[0])
+        m, v = float(mean[channel]), float(var[channel])
+        fix = (
+            "With `eps=0` a zero variance divides by zero (the unfolded layer "
+            "outputs inf or NaN there too): give the BatchNorm a positive `eps`, "
+            "e.g. `eps=1e-5`, or the channel a positive variance with "
+            "`bn.set_statistics`."
+            if v == 0 and bn.eps == 0
+            else "Repair the statistics or the weight and bias first (see "
+            "`eqx_norm.diagnose`)."
+        )
+        affine = (
+            ""
+            if bn.weight is None or bn.bias is None
+            else f", weight {float(bn.weight[channel])}, bias {float(bn.bias[channel])}"
+        )
+        raise ValueError(
+            f"{where}: channel {channel} of the BatchNorm {_name(bn)} folds to a "
+            f"non-finite scale or shift: mean {m}, variance {v}, `eps={bn.eps}`"
+            f"{affine}. {fix}"
+        )
+    return scale, shift
 
 
 def fold_into(layer, bn, state: eqx.nn.State):
@@ -44,7 +128,11 @@ def fold_into(layer, bn, state: eqx.nn.State):
     `bn(layer(x))` in inference mode is `folded(x)`, computed in the layer's dtype:
     the weight of each output channel is scaled by `weight / sqrt(var + eps)` of the
     BatchNorm, and the bias becomes the BatchNorm's affine map of the old bias (a
-    layer without a bias gains one).
+    layer without a bias gains one). The statistics are exactly those the BatchNorm's
+    own inference uses: [`eqx_norm.BatchNorm.statistics`][], or for an
+    `eqx.nn.BatchNorm` what Equinox reads (in ema mode its buffers as they are, so
+    that a layer that never trained folds its zero variance as it normalises with
+    it, by `1 / sqrt(eps)`).
 
     **Arguments:**
 
@@ -61,38 +149,41 @@ def fold_into(layer, bn, state: eqx.nn.State):
 
     **Raises:**
 
-    A `TypeError` for a layer or BatchNorm of another type, and a `ValueError` if
-    the BatchNorm's channels are not the layer's output channels.
+    A `TypeError` for a layer or BatchNorm of another type. A `ValueError` if the
+    BatchNorm's channels are not the layer's output channels (another count, or a
+    `channel_axis` that is not axis 0 of the layer's output); if a channel's scale
+    `weight / sqrt(var + eps)` or shift is not finite (a zero variance with
+    `eps=0`, or non-finite statistics), naming the channel, its variance and
+    `eps`; or if the folded weights overflow the layer's dtype. These values are
+    checked where they are concrete: under `jax.jit` they are traced and not
+    checked, and a zero `var + eps` gives infinite weights, as it gives infinite
+    outputs unfolded.
     """
     if not isinstance(layer, _FOLDABLE):
+        after = f" before the BatchNorm {_name(bn)}" if _is_norm(bn) else ""
         raise TypeError(
             f"`fold_into` folds into an `eqx.nn.Linear`, `eqx.nn.Conv` or "
-            f"`eqx.nn.ConvTranspose`, got a {_describe(layer)}."
+            f"`eqx.nn.ConvTranspose`, got a {_describe(layer)}{after}."
         )
     if not _is_norm(bn):
         raise TypeError(
             "`fold_into` folds an `eqx_norm.BatchNorm` or `eqx.nn.BatchNorm`, got a "
             f"{_describe(bn)} after the {_describe(layer)}."
         )
+    reason = _unfoldable(layer, bn)
+    if reason is not None:
+        raise ValueError(f"`fold_into`: {reason}.")
+    return _fold_pair(layer, bn, state, "`fold_into`")
+
+
+def _fold_pair(layer, bn, state: eqx.nn.State, where: str):
+    """`fold_into` once the pair is known to fold; `where` starts each error."""
+    scale, shift = _affine(bn, state, where)
     out = layer.weight.shape[0]
-    if isinstance(layer, eqx.nn.Linear) and layer.out_features == "scalar":
-        out = None
-    if bn.input_size != out:
-        raise ValueError(
-            f"`fold_into`: the {_describe(bn)} normalises {bn.input_size} channels, "
-            f"but the {_describe(layer)} before it has {out} output channels."
-        )
-    if isinstance(bn, BatchNorm):
-        ndim = 1 if isinstance(layer, eqx.nn.Linear) else layer.num_spatial_dims + 1
-        if bn.channel_axis % ndim != 0:
-            raise ValueError(
-                f"`fold_into`: the BatchNorm's `channel_axis={bn.channel_axis}` is not "
-                f"the {_describe(layer)}'s output channels (axis 0 of its "
-                f"{ndim}-D output)."
-            )
-    scale, shift = _affine(bn, state)
     dtype = layer.weight.dtype
-    compute = jnp.promote_types(dtype, scale.dtype)
+    # The wider of the two, chosen here: `jnp.promote_types` refuses float16 with
+    # float32 under strict dtype promotion.
+    compute = max((jnp.dtype(scale.dtype), jnp.dtype(dtype)), key=_bits)
     broadcast = (out,) + (1,) * (layer.weight.ndim - 1)
     weight = layer.weight.astype(compute) * scale.reshape(broadcast)
     bias_shape = (out,) + (1,) * (layer.weight.ndim - 2)
@@ -102,11 +193,37 @@ def fold_into(layer, bn, state: eqx.nn.State):
         else layer.bias.astype(compute)
     )
     bias = old_bias * scale.reshape(bias_shape) + shift.reshape(bias_shape)
+    weight, bias = weight.astype(dtype), bias.astype(dtype)
+    _check_overflow(layer, bn, (weight, bias), where)
     if layer.bias is None:
         layer = _with_bias(layer)
-    return eqx.tree_at(
-        lambda m: (m.weight, m.bias), layer, (weight.astype(dtype), bias.astype(dtype))
-    )
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, bias))
+
+
+def _bits(dtype: np.dtype) -> int:
+    return jnp.finfo(dtype).bits
+
+
+def _check_overflow(layer, bn, folded: tuple[Array, Array], where: str) -> None:
+    """A `ValueError` if a folded weight or bias is infinite where the layer's own
+    were finite: the scale overflowed the layer's dtype (float16, say)."""
+    for name, new, old in zip(("weight", "bias"), folded, (layer.weight, layer.bias)):
+        new, old = _concrete(new), None if old is None else _concrete(old)
+        if new is None:
+            return
+        finite_before = (
+            np.ones(new.shape, bool) if old is None else np.isfinite(old)
+        ).reshape(new.shape[0], -1)
+        bad = finite_before & ~np.isfinite(new.reshape(new.shape[0], -1))
+        if bad.any():
+            channel = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise ValueError(
+                f"{where}: folding the BatchNorm {_name(bn)} into the "
+                f"{_describe(layer)} overflows its {new.dtype} {name} in output "
+                f"channel {channel}. Fold a copy of the layer in a wider dtype, e.g. "
+                "`jax.tree.map(lambda a: a.astype(jnp.float32), layer)`, or keep "
+                "the BatchNorm."
+            )
 
 
 def _with_bias(layer):
@@ -150,6 +267,9 @@ _FIXED_DIMENSIONS = (
 )
 
 
+_ROOT = "(the model itself)"
+
+
 def fold(
     model: PyTree, state: eqx.nn.State, *, strict: bool = False
 ) -> tuple[PyTree, eqx.nn.State]:
@@ -157,10 +277,15 @@ def fold(
 
     Inside every `eqx.nn.Sequential` of the model (nested ones included), each
     [`eqx_norm.BatchNorm`][] or `eqx.nn.BatchNorm` right after an `eqx.nn.Linear`,
-    `eqx.nn.Conv` or `eqx.nn.ConvTranspose` is folded into that layer (see
-    [`eqx_norm.fold_into`][]) and replaced by `eqx.nn.Identity`. Anything in between
-    (an `eqx.nn.Lambda` activation, say) prevents folding, as it must. The folded
+    `eqx.nn.Conv` or `eqx.nn.ConvTranspose` that normalises that layer's output
+    channels is folded into that layer (see [`eqx_norm.fold_into`][]) and replaced
+    by `eqx.nn.Identity`. Anything in between (an `eqx.nn.Lambda` activation, say),
+    or a BatchNorm over another axis, prevents folding, as it must. The folded
     model computes what the original computes in inference mode.
+
+    ```python
+    served, served_state = eqx_norm.fold(model, state)
+    ```
 
     **Arguments:**
 
@@ -177,40 +302,64 @@ def fold(
     what the remaining stateful layers need; where every BatchNorm was folded the
     model holds no `eqx_norm` object, serialises with `eqx.tree_serialise_leaves`,
     runs without `eqx_norm` installed, and (as an `eqx.nn.Sequential`) can be called
-    without a state.
+    without a state. A BatchNorm left in place still reads its statistics from the
+    returned state: call such a model as `model(x, state)`.
 
     **Raises:**
 
-    A `ValueError` with `strict=True` if a BatchNorm is left in place, naming it.
+    A `ValueError` with `strict=True` if a BatchNorm is left in place, naming it;
+    and, as [`eqx_norm.fold_into`][] raises it, naming the layer's path, if a
+    folded channel's scale or shift is not finite (a zero variance with `eps=0`) or
+    overflows the layer's dtype. Under `jax.jit` those values are not checked.
     """
+    left: list[str] = []  # the paths of the BatchNorms left in place, with reasons
+    explained: set[str] = set()
 
-    def fold_sequential(seq: eqx.nn.Sequential) -> eqx.nn.Sequential:
+    def fold_sequential(seq: eqx.nn.Sequential, where: str) -> eqx.nn.Sequential:
         layers = [
-            fold_sequential(x) if isinstance(x, eqx.nn.Sequential) else x
-            for x in seq.layers
+            fold_sequential(x, f"{where}.layers[{i}]")
+            if isinstance(x, eqx.nn.Sequential)
+            else x
+            for i, x in enumerate(seq.layers)
         ]
         for i in range(1, len(layers)):
-            if _is_norm(layers[i]) and isinstance(layers[i - 1], _FOLDABLE):
-                layers[i - 1] = fold_into(layers[i - 1], layers[i], state)
-                layers[i] = eqx.nn.Identity()
+            if not (_is_norm(layers[i]) and isinstance(layers[i - 1], _FOLDABLE)):
+                continue
+            reason = _unfoldable(layers[i - 1], layers[i])
+            if reason is not None:
+                left.append(f"{where}.layers[{i}] ({reason})")
+                explained.add(f"{where}.layers[{i}]")
+                continue
+            layers[i - 1] = _fold_pair(
+                layers[i - 1],
+                layers[i],
+                state,
+                f"`fold`: the BatchNorm at {where + f'.layers[{i}]'!r}",
+            )
+            layers[i] = eqx.nn.Identity()
         return eqx.nn.Sequential(layers)
 
-    def visit(x):
-        return fold_sequential(x) if isinstance(x, eqx.nn.Sequential) else x
+    def visit(path, x):
+        if isinstance(x, eqx.nn.Sequential):
+            return fold_sequential(x, jtu.keystr(path))
+        return x
 
     is_sequential = lambda x: isinstance(x, eqx.nn.Sequential)  # noqa: E731
-    folded = jtu.tree_map(visit, model, is_leaf=is_sequential)
-    left = [
-        jtu.keystr(path)
+    folded = jtu.tree_map_with_path(visit, model, is_leaf=is_sequential)
+    left += [
+        jtu.keystr(path) or _ROOT
         for path, leaf in jtu.tree_leaves_with_path(folded, is_leaf=_is_norm)
-        if _is_norm(leaf)
+        if _is_norm(leaf) and (jtu.keystr(path) or _ROOT) not in explained
     ]
     if left:
         message = (
             f"`fold` left {len(left)} BatchNorm layer(s) in place at {left}: each "
             "must directly follow an `eqx.nn.Linear`, `eqx.nn.Conv` or "
-            "`eqx.nn.ConvTranspose` in an `eqx.nn.Sequential` (an activation in "
-            "between prevents folding). Use `eqx_norm.fold_into` for custom modules."
+            "`eqx.nn.ConvTranspose` in an `eqx.nn.Sequential` and normalise its "
+            "output channels (an activation in between prevents folding). Those "
+            "layers still need their statistics: call the folded model with the "
+            "state `fold` returns, `y, _ = model(x, state)`, in inference mode. Use "
+            "`eqx_norm.fold_into` for custom modules."
         )
         if strict:
             raise ValueError(message)

@@ -5,7 +5,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
 
 from ._approaches import Approach, RunningStats
 from ._batch_norm import BatchNorm
@@ -94,14 +94,13 @@ def from_equinox(
 
 
 def equinox_statistics(bn: eqx.nn.BatchNorm, state: eqx.nn.State) -> RunningStats:
-    """The statistics an `eqx.nn.BatchNorm` uses for inference, and its count."""
+    """The statistics an `eqx.nn.BatchNorm` uses for inference, and its count; for
+    an ema-mode layer that never trained, mean 0 and variance 1 (see
+    `equinox_inference_statistics` for what Equinox itself uses there)."""
     if bn.mode == "batch":
-        if bn.batch_counter is None or bn.batch_state_index is None:
-            raise ValueError(_UNKNOWN_LAYOUT)
-        counter = state.get(bn.batch_counter)
-        hidden_mean, hidden_var = state.get(bn.batch_state_index)
-        scale = jnp.where(counter == 0, 1, 1 - bn.momentum**counter)
-        return RunningStats(hidden_mean / scale, hidden_var / scale, counter)
+        mean, var = equinox_inference_statistics(bn, state)
+        assert bn.batch_counter is not None
+        return RunningStats(mean, var, state.get(bn.batch_counter))
     if bn.ema_first_time_index is None or bn.ema_state_index is None:
         raise ValueError(_UNKNOWN_LAYOUT)
     first = state.get(bn.ema_first_time_index)
@@ -111,6 +110,26 @@ def equinox_statistics(bn: eqx.nn.BatchNorm, state: eqx.nn.State) -> RunningStat
         jnp.where(first, 1, var),
         jnp.where(first, 0, 1).astype(jnp.int32),
     )
+
+
+def equinox_inference_statistics(
+    bn: eqx.nn.BatchNorm, state: eqx.nn.State
+) -> tuple[Array, Array]:
+    """`(mean, var)`, exactly as `eqx.nn.BatchNorm.__call__` reads them for
+    inference: in batch mode the hidden EMA divided by `1 - momentum**counter` (by 1
+    before any step), in ema mode the EMA buffers as they are, which for a layer
+    that never trained are its initial zeros."""
+    if bn.mode == "batch":
+        if bn.batch_counter is None or bn.batch_state_index is None:
+            raise ValueError(_UNKNOWN_LAYOUT)
+        counter = state.get(bn.batch_counter)
+        hidden_mean, hidden_var = state.get(bn.batch_state_index)
+        scale = jnp.where(counter == 0, 1, 1 - bn.momentum**counter)
+        return hidden_mean / scale, hidden_var / scale
+    if bn.ema_state_index is None:
+        raise ValueError(_UNKNOWN_LAYOUT)
+    mean, var = state.get(bn.ema_state_index)
+    return mean, var
 
 
 def _is_stateful(x: Any) -> bool:

@@ -17,6 +17,7 @@ import eqx_norm
 from .helpers import clone
 
 APPROACHES = list(eqx_norm.APPROACHES)
+F64 = np.float64
 
 
 def _cnn(key, approaches=("batch",) * 3, dtype=None, norm=None):
@@ -320,7 +321,8 @@ def _bn(c, **kwargs):
             lambda k: eqx.nn.LayerNorm(4),
             (4, {}),
             TypeError,
-            r"folds into an `eqx.nn.Linear`.*got a LayerNorm",
+            r"folds into an `eqx.nn.Linear`.*got a LayerNorm before the BatchNorm "
+            r"`eqx_norm\.BatchNorm\(input_size=4",
         ),
         (
             lambda k: eqx.nn.Linear(3, "scalar", key=k),
@@ -341,6 +343,323 @@ def test_fold_into_refuses_a_non_batch_norm(getkey):
     layer = eqx.nn.Linear(3, 4, key=getkey())
     with pytest.raises(TypeError, match=r"got a Linear after the Linear"):
         eqx_norm.fold_into(layer, layer, eqx.nn.State(layer))
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def _assert_unchanged(tree, before):
+    for a, b in zip(_leaves(tree), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+_OUT_OF_RANGE = [
+    (lambda k: eqx.nn.Conv2d(3, 4, 3, key=k), 3, "Conv2d", "3-D"),
+    (lambda k: eqx.nn.Conv2d(3, 4, 3, key=k), -6, "Conv2d", "3-D"),
+    (lambda k: eqx.nn.Linear(3, 4, key=k), 1, "Linear", "1-D"),
+]
+
+
+@pytest.mark.parametrize(
+    "layer, axis, name, rank", _OUT_OF_RANGE, ids=["conv-3", "conv--6", "linear-1"]
+)
+def test_fold_into_refuses_a_channel_axis_out_of_range(layer, axis, name, rank, getkey):
+    """It reduced the axis modulo the rank, so an output the BatchNorm itself refuses
+    folded as if the channels were on axis 0."""
+    layer = layer(getkey())
+    bn, state = _bn(4, channel_axis=axis)
+    before = _leaves((layer, state))
+    with pytest.raises(
+        ValueError,
+        match=rf"BatchNorm `eqx_norm\.BatchNorm\(input_size=4, channel_axis={axis}\)` "
+        rf"has `channel_axis={axis}`, out of range for the {rank} output of the "
+        rf"{name}",
+    ):
+        eqx_norm.fold_into(layer, bn, state)
+    _assert_unchanged((layer, state), before)
+    # `fold` leaves such a layer in place and says why.
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [layer, eqx_norm.BatchNorm(4, "batch", channel_axis=axis)]
+    )
+    with pytest.warns(UserWarning, match=rf"\.layers\[1\] \(the BatchNorm .*{name}"):
+        folded, _ = eqx_norm.fold(model, state)
+    assert isinstance(folded.layers[1], eqx_norm.BatchNorm)
+
+
+def test_fold_leaves_a_batch_norm_over_another_axis_in_place(getkey):
+    """A BatchNorm over the width of a Conv2d's output (here as wide as the channels)
+    is a working model that cannot be folded: it is left in place, with the reason,
+    and still computes what it did. A BatchNorm of another channel count is left too
+    (it raised before)."""
+
+    def build(key):
+        k1, k2 = jax.random.split(key)
+        return eqx.nn.Sequential(
+            [
+                eqx.nn.Conv2d(3, 4, 3, padding=1, key=k1),
+                eqx_norm.BatchNorm(4, "batch", channel_axis=-1),
+                eqx.nn.Lambda(jnp.ravel),
+                eqx.nn.Linear(80, 6, key=k2),
+                eqx_norm.BatchNorm(5, "batch"),
+            ]
+        )
+
+    model, state = eqx.nn.make_with_state(build)(getkey())
+    x = jax.random.normal(getkey(), (2, 3, 5, 4))
+    with pytest.warns(
+        UserWarning,
+        match=r"left 2 BatchNorm.*\.layers\[1\] \(the BatchNorm's `channel_axis=-1` "
+        r"is not the Conv2d's output channels.*\.layers\[4\] \(the BatchNorm "
+        r"normalises 5 channels, but the Linear before it has 6",
+    ):
+        folded, folded_state = eqx_norm.fold(model, state)
+    assert isinstance(folded.layers[1], eqx_norm.BatchNorm)
+    assert isinstance(folded.layers[4], eqx_norm.BatchNorm)
+    inference = eqx.nn.inference_mode(eqx.nn.Sequential(model.layers[:4]))
+    expected, _ = jax.vmap(inference, (0, None), (0, None), axis_name="batch")(x, state)
+    got, _ = jax.vmap(
+        eqx.nn.inference_mode(eqx.nn.Sequential(folded.layers[:4])),
+        (0, None),
+        (0, None),
+        axis_name="batch",
+    )(x, folded_state)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _reference_fold(layer, mean, var, eps, weight=None, bias=None):
+    """The folded weight and bias, in float64 NumPy."""
+    w = np.asarray(layer.weight, np.float64)
+    b = np.zeros(w.shape[0]) if layer.bias is None else np.asarray(layer.bias, F64)
+    scale = 1 / np.sqrt(np.asarray(var, F64) + eps)
+    if weight is not None:
+        scale = scale * np.asarray(weight, F64)
+    shift = -np.asarray(mean, F64) * scale + (0 if bias is None else bias)
+    return w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), b.reshape(-1) * scale + shift
+
+
+@pytest.mark.parametrize("mode", ["ema", "batch"])
+def test_fold_of_a_never_trained_equinox_batch_norm_keeps_its_output(mode, getkey):
+    """Equinox's ema mode normalises with its zero buffers before any training step
+    (variance 0, a scale of 1/sqrt(eps)); fold substituted variance 1 and changed
+    the output 300-fold."""
+    linear = eqx.nn.Linear(3, 4, key=getkey())
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [linear, eqx.nn.BatchNorm(4, "batch", mode=mode)]
+    )
+    x = jax.random.normal(getkey(), (5, 3))
+    expected, _ = jax.vmap(
+        eqx.nn.inference_mode(model), (0, None), (0, None), axis_name="batch"
+    )(x, state)
+    folded, _ = eqx_norm.fold(model, state)
+    var = np.zeros(4) if mode == "ema" else np.ones(4)
+    w, b = _reference_fold(linear, np.zeros(4), var, 1e-5)
+    np.testing.assert_allclose(folded.layers[0].weight, w, rtol=1e-6)
+    np.testing.assert_allclose(folded.layers[0].bias, b, rtol=1e-6)
+    got = jax.vmap(folded)(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np.asarray(x, F64) @ w.T + b, rtol=1e-5)
+
+
+def _zero_variance(eps=0.0):
+    bn, state = _bn(4, eps=eps)
+    return bn, bn.set_statistics(state, np.ones(4), np.array([1.0, 0.0, 2.0, 0.5]))
+
+
+def test_fold_into_refuses_a_zero_variance_with_eps_zero(getkey):
+    """With `eps=0` and a zero variance it returned infinite weights."""
+    layer = eqx.nn.Linear(3, 4, key=getkey())
+    bn, state = _zero_variance()
+    before = _leaves((layer, state))
+    with pytest.raises(
+        ValueError,
+        match=r"`fold_into`: channel 1 of the BatchNorm .* non-finite scale or shift: "
+        r"mean 1\.0, variance 0\.0, `eps=0\.0`.*give the BatchNorm a positive `eps`",
+    ):
+        eqx_norm.fold_into(layer, bn, state)
+    _assert_unchanged((layer, state), before)
+    # The same layer in a model: `fold` names its path.
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [layer, eqx_norm.BatchNorm(4, "batch", eps=0.0)]
+    )
+    state = model.layers[1].set_statistics(state, np.ones(4), np.array([1, 0, 2, 0.5]))
+    with pytest.raises(ValueError, match=r"`fold`: the BatchNorm at '\.layers\[1\]'"):
+        eqx_norm.fold(model, state)
+
+
+def test_fold_into_under_jit_does_not_check_a_zero_variance(getkey):
+    """Traced statistics are not checked (as documented): the channel with
+    `var + eps = 0` gets infinite weights, as its unfolded output is infinite; the
+    others fold as they do eagerly."""
+    layer = eqx.nn.Linear(3, 4, key=getkey())
+    bn, state = _zero_variance()
+    folded = eqx.filter_jit(eqx_norm.fold_into)(layer, bn, state)
+    assert np.all(np.isinf(folded.weight[1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w, _ = _reference_fold(layer, np.ones(4), [1.0, 0.0, 2.0, 0.5], 0.0, bn.weight)
+    keep = np.array([0, 2, 3])
+    np.testing.assert_allclose(folded.weight[keep], w[keep], rtol=1e-6)
+
+
+def _set_raw(bn, state, **fields):
+    """The state with this layer's stored statistics replaced as they are (past
+    `set_statistics`' checks, as a corrupted state would have them)."""
+    return state.set(bn.state_index, state.get(bn.state_index)._replace(**fields))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (
+            lambda bn, s: (bn, _set_raw(bn, s, mean=jnp.array([0.0, 0, jnp.nan, 0]))),
+            r"channel 2 .*mean nan, variance 1\.0.*Repair the statistics",
+        ),
+        (
+            lambda bn, s: (bn, _set_raw(bn, s, var=jnp.array([1.0, 1, -2, 1]))),
+            r"channel 2 .*variance -2\.0, `eps=1e-05`.*Repair the statistics",
+        ),
+        (
+            lambda bn, s: (bn, _set_raw(bn, s, var=jnp.array([1.0, 1, jnp.nan, 1]))),
+            r"channel 2 .*variance nan",
+        ),
+        (
+            lambda bn, s: (
+                eqx.tree_at(lambda b: b.weight, bn, jnp.array([1.0, 1, jnp.inf, 1])),
+                s,
+            ),
+            r"channel 2 .*weight inf, bias 0\.0",
+        ),
+    ],
+    ids=["nan-mean", "negative-var", "nan-var", "inf-weight"],
+)
+def test_fold_into_refuses_non_finite_statistics(corrupt, message, getkey):
+    layer = eqx.nn.Linear(3, 4, key=getkey())
+    bn, state = corrupt(*_bn(4))
+    before = _leaves((layer, bn, state))
+    with pytest.raises(ValueError, match=message):
+        eqx_norm.fold_into(layer, bn, state)
+    _assert_unchanged((layer, bn, state), before)
+
+
+def test_fold_into_refuses_to_overflow_a_float16_layer(getkey):
+    """A tiny variance with `eps=0` scales float16 weights past 65504: infinite
+    weights, silently, where the unfolded layer stays finite."""
+    layer = eqx.nn.Linear(3, 4, key=getkey(), dtype=jnp.float16)
+    bn, state = _bn(4, eps=0.0)
+    state = bn.set_statistics(state, np.zeros(4), np.array([1.0, 1.0, 1.0, 1e-12]))
+    with pytest.raises(
+        ValueError, match=r"overflows its float16 weight in output channel 3"
+    ):
+        eqx_norm.fold_into(layer, bn, state)
+
+
+_STATISTICS = {
+    "numpy-int64": (lambda a: np.round(4 * a).astype(np.int64), 1e-5),
+    "numpy-float64": (lambda a: a, 1e-5),
+    "numpy-float16": (lambda a: a.astype(np.float16), np.float32(1e-3)),
+    "jax-float32": (lambda a: jnp.asarray(a, jnp.float32), jnp.float32(1e-3)),
+    "jax-float16": (lambda a: jnp.asarray(a, jnp.float16), np.float64(0.0)),
+}
+
+
+@pytest.mark.parametrize("layer_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kind", list(_STATISTICS))
+def test_set_statistics_round_trip_through_fold(kind, layer_dtype, getkey):
+    """Statistics given as NumPy or JAX arrays of integer or float dtypes, and `eps`
+    as a NumPy or JAX scalar, fold to the float64 reference, in the layer's dtype;
+    a float16 or bfloat16 layer folded under strict dtype promotion raised a
+    `TypePromotionError`."""
+    convert, eps = _STATISTICS[kind]
+    mean = np.array([0.5, -1.0, 2.0, 0.0])
+    var = np.array([0.25, 4.0, 1.0, 2.0])
+    bn, state = _bn(4, eps=eps)
+    bn = eqx.tree_at(
+        lambda b: (b.weight, b.bias),
+        bn,
+        (jnp.array([1.0, 0.5, -2.0, 0.0]), jnp.array([0.0, 1.0, -1.0, 3.0])),
+    )
+    state = bn.set_statistics(state, convert(mean), convert(var), counter=np.int64(3))
+    # What the layer stores (rounded to float16 or bfloat16 where given so).
+    stored_mean, stored_var = (np.asarray(a, F64) for a in bn.statistics(state))
+    np.testing.assert_allclose(stored_mean, np.asarray(convert(mean), F64))
+    layer = eqx.nn.Conv1d(3, 4, 2, key=getkey(), dtype=layer_dtype)
+    folded = eqx_norm.fold_into(layer, bn, state)
+    assert folded.weight.dtype == layer_dtype and folded.bias.dtype == layer_dtype
+    w, b = _reference_fold(
+        layer, stored_mean, stored_var, float(eps), bn.weight, np.asarray(bn.bias)
+    )
+    tol = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 1e-3}[layer_dtype]
+    np.testing.assert_allclose(np.asarray(folded.weight, F64), w, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(folded.bias, F64).ravel(), b, rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("norm", ["eqx_norm", "equinox"])
+def test_fold_into_without_channelwise_affine(norm, getkey):
+    layer = eqx.nn.Linear("scalar", 4, key=getkey())
+    if norm == "eqx_norm":
+        bn, state = _bn(4, channelwise_affine=False)
+        state = bn.set_statistics(state, np.arange(4.0), np.arange(1.0, 5.0))
+        mean, var = np.arange(4.0), np.arange(1.0, 5.0)
+    else:
+        bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            4, "batch", channelwise_affine=False, mode="batch"
+        )
+        mean, var = np.zeros(4), np.ones(4)
+    folded = eqx_norm.fold_into(layer, bn, state)
+    w, b = _reference_fold(layer, mean, var, 1e-5)
+    np.testing.assert_allclose(folded.weight, w, rtol=1e-6)
+    np.testing.assert_allclose(folded.bias, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fold_into_with_the_state_of_another_model(getkey):
+    """Equinox's bare `KeyError: 'BatchNorm.state_index'` before."""
+    layer = eqx.nn.Linear(3, 4, key=getkey())
+    bn, _ = _bn(4)
+    _, other_state = _bn(4)
+    _, equinox_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "b", mode="batch")
+    with pytest.raises(ValueError, match=r"the state does not hold the statistics"):
+        eqx_norm.fold_into(layer, bn, equinox_state)
+    # Another layer's state of the same structure is indistinguishable by design
+    # (same path): it folds with those statistics.
+    eqx_norm.fold_into(layer, bn, other_state)
+
+
+def test_fold_without_a_batch_norm_or_with_only_one(getkey):
+    """A model without BatchNorm comes back as it was, with no warning; a bare
+    BatchNorm (no layer before it) is named as the model itself, not as `''`."""
+    model = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=getkey())])
+    folded, folded_state = eqx_norm.fold(
+        model, eqx.nn.make_with_state(eqx.nn.Identity)()[1]
+    )
+    assert eqx.tree_equal(folded, model)
+    assert not jax.tree.leaves(folded_state)
+    bn, state = _bn(4)
+    with pytest.warns(UserWarning, match=r"in place at \['\(the model itself\)'\]"):
+        eqx_norm.fold(bn, state)
+
+
+def test_partly_folded_model_warning_says_it_needs_its_state(getkey):
+    """Called without a state, such a model fails inside Equinox with `'object'
+    object has no attribute 'get'`; the warning said nothing of the state."""
+    model, state = eqx.nn.make_with_state(_after_activation)(getkey())
+    with pytest.warns(
+        UserWarning,
+        match=r"still need their statistics: call the folded model with the state "
+        r"`fold` returns, `y, _ = model\(x, state\)`",
+    ):
+        eqx_norm.fold(model, state)
+
+
+def test_fold_under_jit_equals_fold(getkey):
+    model, state = eqx.nn.make_with_state(_variants_3d)(getkey())
+    state = _trained(model, state, getkey(), (8, 3, 4, 4, 4))
+    eager, _ = eqx_norm.fold(model, clone(state))
+    jitted, _ = eqx.filter_jit(eqx_norm.fold)(model, clone(state))
+    arrays = eqx.filter((eager, jitted), eqx.is_array)
+    for a, b in zip(*(jax.tree.leaves(t) for t in arrays), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------ set_statistics
