@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from ._approaches import APPROACHES
 from ._walk import batch_norms
 
 _FORMAT = "eqx_norm-checkpoint"
@@ -62,14 +64,24 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
 
     **Arguments:**
 
-    - `path`: the file to write.
+    - `path`: the file to write. An existing file keeps its permissions; a new
+        one gets those of any new file (`0o666` less the umask).
     - `model`: the model.
     - `state`: its `eqx.nn.State`.
+
+    **Raises:**
+
+    A `FileNotFoundError` if the folder of `path` does not exist, an
+    `IsADirectoryError` if `path` is a folder, and a `PermissionError` if it is a
+    file without write permission (which the rename would otherwise replace), each
+    naming `path` and leaving it as it was.
     """
     path = Path(path)
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(json.dumps(header).encode() + b"\n")
             eqx.tree_serialise_leaves(f, (model, state))
@@ -79,6 +91,34 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the file at `path` should have after `save`, or an `OSError`
+    naming `path` if it cannot be written there."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"`eqx_norm.save`: the folder {str(path.parent)!r} of {str(path)!r} does "
+            "not exist; create it first, e.g. "
+            "`path.parent.mkdir(parents=True, exist_ok=True)`."
+        )
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"`eqx_norm.save`: {str(path)!r} is a folder; pass a file path in it, "
+            f"e.g. {str(path / 'model.eqx')!r}."
+        )
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o222:
+            raise PermissionError(
+                f"`eqx_norm.save`: {str(path)!r} is read-only, and saving would "
+                "replace it; make it writable first (`chmod u+w`) or save to "
+                "another path."
+            )
+        return mode
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 _KEYS = {
@@ -153,7 +193,9 @@ def load(
     A `ValueError` naming the file and the fault if it is not a checkpoint of this
     format and version (a malformed or truncated header, or leaves that do not
     match), or naming the layer and the mismatch if a BatchNorm layer differs in
-    approach, channel count or dtype.
+    approach (named as it is written: `"batch"`, `eqx_norm.Renorm(r_max=4)`, or a
+    class of your own by its name, with the `eqx_norm.set_approach` call that makes
+    the model match), channel count or dtype.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -171,29 +213,14 @@ def load(
             )
         for name, want in expected.items():
             got = saved[name]
-            for key in (
-                "approach",
-                "input_size",
-                "statistics_dtype",
-                "parameter_dtype",
-            ):
+            if got["approach"] != want["approach"]:
+                raise _approach_mismatch(path, name, got, want, saved, expected)
+            for key in ("input_size", "statistics_dtype", "parameter_dtype"):
                 if got[key] != want[key]:
-                    hint = (
-                        " Switch this model with `eqx_norm.set_approach(model, ...)` "
-                        "before loading, or after."
-                        if key == "approach"
-                        else " Build the model with the saved settings."
-                    )
-                    if key == "approach":
-                        # As the user wrote them, where the file has them.
-                        got_text = got.get("approach_repr", got[key])
-                        want_text = want["approach_repr"]
-                    else:
-                        got_text, want_text = got[key], want[key]
                     raise ValueError(
                         f"{path}: the BatchNorm layer at {name!r} was saved with "
-                        f"{key}={got_text!r}, but this model has {key}={want_text!r}."
-                        + hint
+                        f"{key}={got[key]!r}, but this model has {key}={want[key]!r}. "
+                        "Build the model with the saved settings."
                     )
         try:
             return eqx.tree_deserialise_leaves(f, (model, state))
@@ -201,3 +228,49 @@ def load(
             raise ValueError(
                 f"{path}: does not match this model's structure: {e}"
             ) from e
+
+
+def _approach_name(key: str, text: str) -> str:
+    """An approach as a user writes it, from its key and repr: `"batch"` for a
+    built-in with its defaults, `eqx_norm.Renorm(r_max=4)` for one with others, and
+    a user's own class by its name."""
+    for name, cls in APPROACHES.items():
+        default = cls()
+        if key in (_approach_key(default), repr(default)):
+            return f'"{name}"'
+    class_name = key.split("(", 1)[0]
+    if class_name in {cls.__name__ for cls in APPROACHES.values()}:
+        return f"eqx_norm.{text}"
+    return class_name
+
+
+def _approach_mismatch(
+    path: Path,
+    name: str,
+    got: dict[str, Any],
+    want: dict[str, Any],
+    saved: dict[str, dict[str, Any]],
+    expected: dict[str, dict[str, Any]],
+) -> ValueError:
+    """The error of a layer saved with another approach, with the call that fixes
+    it."""
+    got_text = got.get("approach_repr", got["approach"])
+    got_name = _approach_name(got["approach"], got_text)
+    want_name = _approach_name(want["approach"], want["approach_repr"])
+    if got_name == want_name:  # a user's class with other hyperparameters
+        got_name, want_name = got_text, want["approach_repr"]
+    code = got_name if got_name.startswith(('"', "eqx_norm.")) else got_text
+    # `set_approach` switches every layer; `where=` is needed where only some differ.
+    everywhere = all(
+        saved[n]["approach"] == got["approach"] != expected[n]["approach"]
+        for n in expected
+    )
+    where = "" if everywhere else ", where=..."
+    return ValueError(
+        f"{path}: the BatchNorm layer at {name!r} was saved with approach "
+        f"{got_name}, but this model has approach {want_name}. Give the model the "
+        f"saved approach before loading: `model = eqx_norm.set_approach(model, "
+        f"{code}{where})`"
+        + ("" if everywhere else " (`where=` choosing the layers saved with it)")
+        + "; the state stays valid."
+    )

@@ -1,3 +1,5 @@
+import os
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -264,7 +266,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
     with pytest.raises(
         ValueError,
         match=r"at '\.layers\.layers\[1\]' was saved with "
-        r"approach='Batch\(\)'.*set_approach",
+        r'approach "batch".*set_approach\(model, "batch"\)',
     ):
         eqx_norm.load(path, other, other_state)
     assert_untouched(other, other_state, before)
@@ -296,3 +298,165 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
     eqx.tree_serialise_leaves(junk, (model, state))
     with pytest.raises(ValueError, match="not a checkpoint written by `eqx_norm.save`"):
         eqx_norm.load(junk, model, state)
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def _assert_unchanged(tree, before):
+    for a, b in zip(_leaves(tree), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Halves(eqx_norm.Approach):
+    """A user's own approach (the README's), for checkpoint messages."""
+
+    def train(self, batch, running, momentum, eps):
+        new = eqx_norm.RunningStats(batch.mean, batch.var, running.counter + 1)
+        return batch.mean, batch.var, new
+
+
+@pytest.mark.parametrize(
+    "saved, model_approach, message",
+    [
+        ("batch", "ema", r'approach "batch", but this model has approach "ema"'),
+        (
+            eqx_norm.Renorm(),
+            eqx_norm.Renorm(r_max=4),
+            r'approach "renorm", but this model has approach '
+            r"eqx_norm\.Renorm\(r_max=4\)",
+        ),
+        (
+            eqx_norm.Running(max_count=9),
+            "batch",
+            r"approach eqx_norm\.Running\(max_count=9\), but this model has "
+            r'approach "batch".*set_approach\(model, eqx_norm\.Running\(max_count=9\)',
+        ),
+        (
+            _Halves(),
+            "frozen",
+            r'approach _Halves, but this model has approach "frozen".*'
+            r"set_approach\(model, _Halves\(\)\)",
+        ),
+    ],
+    ids=["names", "non-default", "built-in-object", "own-class"],
+)
+def test_checkpoint_approach_mismatch_names_approaches_as_written(
+    saved, model_approach, message, tmp_path
+):
+    """It said `approach='Batch()'` (a repr no user writes) and offered two fixes;
+    the one it now gives is checked to work."""
+    model, state = eqx.nn.make_with_state(MLP)(saved)
+    state = _train(model, state, jax.random.key(1))
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like, like_state = eqx.nn.make_with_state(MLP)(
+        model_approach, key=jax.random.key(2)
+    )
+    before = _leaves((like, like_state))
+    with pytest.raises(ValueError, match=message + r".*; the state stays valid\.$"):
+        eqx_norm.load(path, like, like_state)
+    _assert_unchanged((like, like_state), before)
+    like = eqx_norm.set_approach(like, saved)
+    _assert_unchanged(eqx_norm.load(path, like, like_state), _leaves((model, state)))
+
+
+def test_checkpoint_approach_mismatch_in_some_layers_says_where(tmp_path):
+    model, state = eqx.nn.make_with_state(MLP)()
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like, like_state = eqx.nn.make_with_state(MLP)()
+    like = eqx_norm.set_approach(like, "ema", where=lambda bn: bn.input_size == 5)
+    with pytest.raises(
+        ValueError, match=r'set_approach\(model, "batch", where=\.\.\.\)`.*`where=`'
+    ):
+        eqx_norm.load(path, like, like_state)
+
+
+def test_save_refuses_to_replace_a_read_only_file(tmp_path):
+    """The rename replaced a read-only file (as root, or in a writable folder)."""
+    path = tmp_path / "model.eqx"
+    path.write_bytes(b"keep me")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match=r"model\.eqx' is read-only"):
+        eqx_norm.save(path, *eqx.nn.make_with_state(MLP)())
+    assert path.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.eqx"]
+
+
+def test_save_keeps_the_permissions_of_the_file(tmp_path):
+    """The temporary file's 0o600 replaced the file's permissions, and a new file
+    was readable by its owner only."""
+    model, state = eqx.nn.make_with_state(MLP)()
+    old = tmp_path / "old.eqx"
+    old.write_bytes(b"")
+    old.chmod(0o640)
+    eqx_norm.save(old, model, state)
+    assert old.stat().st_mode & 0o777 == 0o640
+    new = tmp_path / "new.eqx"
+    eqx_norm.save(new, model, state)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "where, error, message",
+    [
+        (
+            "missing/model.eqx",
+            FileNotFoundError,
+            r"the folder '.*missing' of .*"
+            r"does not exist; create it first",
+        ),
+        ("folder", IsADirectoryError, r"folder' is a folder; pass a file path"),
+    ],
+    ids=["missing-folder", "a-folder"],
+)
+def test_save_to_a_bad_path_names_the_path(where, error, message, tmp_path):
+    """The errors named the hidden temporary file, not the path given."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(error, match=message):
+        eqx_norm.save(tmp_path / where, *eqx.nn.make_with_state(MLP)())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00\xff" * 100, b"[1, 2]\n", b'{"format": "eqx_norm-checkpoint"}\n'],
+    ids=["empty", "binary", "json-list", "no-version"],
+)
+def test_load_of_a_file_that_is_not_a_checkpoint(content, tmp_path):
+    path = tmp_path / "other.eqx"
+    path.write_bytes(content)
+    model, state = eqx.nn.make_with_state(MLP)()
+    before = _leaves((model, state))
+    with pytest.raises(ValueError, match=r"other\.eqx: not a checkpoint written by"):
+        eqx_norm.load(path, model, state)
+    _assert_unchanged((model, state), before)
+    assert path.read_bytes() == content
+    with pytest.raises(IsADirectoryError):
+        eqx_norm.load(tmp_path, model, state)
+
+
+def test_checkpoint_of_a_folded_model_and_of_non_finite_statistics(tmp_path):
+    """A model without BatchNorm (a folded one) saves and loads, and NaN and inf
+    statistics come back as they were, bit for bit."""
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, jax.random.key(3))
+    bn = bn_at(model, 1)
+    stats = state.get(bn.state_index)
+    state = state.set(
+        bn.state_index,
+        stats._replace(mean=stats.mean.at[0].set(jnp.nan).at[1].set(-jnp.inf)),
+    )
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    loaded = eqx_norm.load(path, *eqx.nn.make_with_state(MLP)())
+    _assert_unchanged(loaded, _leaves((model, state)))
+    folded = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(4))])
+    empty = eqx.nn.make_with_state(eqx.nn.Identity)()[1]
+    eqx_norm.save(path, folded, empty)
+    skeleton = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(5))])
+    _assert_unchanged(eqx_norm.load(path, skeleton, empty), _leaves(folded))
