@@ -26,6 +26,11 @@ from ._diagnose import (
 from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
 from ._looksam import LookSAMState as LookSAMState, looksam as looksam
+from ._perturb import (
+    Perturbation as Perturbation,
+    StepGradient as StepGradient,
+    perturbed_gradient as perturbed_gradient,
+)
 from ._recalibrate import recalibrate as recalibrate
 from ._sam import SAMState as SAMState, sam as sam
 from ._sharding import replicate as replicate, shard_batch as shard_batch
@@ -53,11 +58,13 @@ __all__ = [
     "Frozen",
     "LayerDiagnosis",
     "LookSAMState",
+    "Perturbation",
     "Renorm",
     "Running",
     "RunningStats",
     "SAMState",
     "SmoothStart",
+    "StepGradient",
     "batch_norms",
     "diagnose",
     "fold",
@@ -66,6 +73,7 @@ __all__ = [
     "from_equinox",
     "load",
     "looksam",
+    "perturbed_gradient",
     "recalibrate",
     "replicate",
     "sam",

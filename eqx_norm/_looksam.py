@@ -8,7 +8,8 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._sam import _perturbation, check_non_negative, check_update_args
+from ._checks import INT32_MAX, non_negative, positive_int
+from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
 class LookSAMState(NamedTuple):
@@ -27,20 +28,11 @@ class LookSAMState(NamedTuple):
     base_state: optax.OptState
 
 
-def _dot(a, b) -> Array:
-    leaves = jax.tree.leaves(
-        jax.tree.map(
-            lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b
-        )
-    )
-    return sum(leaves, jnp.zeros((), jnp.float32))
-
-
 def looksam(
     base_optimizer: optax.GradientTransformation,
     rho: ArrayLike | optax.Schedule = 0.05,
-    every: int | Array = 5,
-    alpha: ArrayLike = 0.7,
+    every: int | np.integer | Array = 5,
+    alpha: ArrayLike | optax.Schedule = 0.7,
     adaptive: bool | Array = False,
     eta: ArrayLike = 0.01,
     mask: PyTree | Callable[[optax.Params], PyTree] | None = None,
@@ -92,7 +84,8 @@ def looksam(
     - `base_optimizer`, `rho`, `adaptive`, `eta`, `mask`: as in `eqx_norm.sam`.
     - `every`: how often the SAM gradient is computed, a positive int (1: every
         step, which is `eqx_norm.sam`).
-    - `alpha`: the weight of the reused orthogonal part, at least 0.
+    - `alpha`: the weight of the reused orthogonal part, at least 0; a float or a
+        schedule (a callable of the update count, as `rho`).
 
     **Returns:**
 
@@ -101,18 +94,19 @@ def looksam(
 
     **Raises:**
 
-    As `eqx_norm.sam`, and a `ValueError` for an `every` below 1 or an `alpha` that
-    is NaN, infinite or negative.
+    As `eqx_norm.sam`; a `ValueError` for an `every` below 1 or above 2**31 - 1
+    (what an int32 step count reaches), or an `alpha` that is NaN, infinite or
+    negative; a `TypeError` for an `every` that is not an int.
     """
     if not isinstance(base_optimizer, optax.GradientTransformation):
         raise ValueError(
             "`base_optimizer` must be an Optax gradient transformation, e.g. "
             f"`eqx_norm.looksam(optax.sgd(0.1), every=5)`; got {type(base_optimizer)}."
         )
-    check_non_negative("rho", rho, "0.05")
-    check_non_negative("eta", eta, "0.01")
-    check_non_negative("alpha", alpha, "0.7")
-    _check_every(every)
+    non_negative("rho", rho, "0.05")
+    non_negative("eta", eta, "0.01", schedule=False)
+    non_negative("alpha", alpha, "0.7")
+    every = _check_every(every)
     base = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params: optax.Params) -> LookSAMState:
@@ -137,11 +131,8 @@ def looksam(
         def with_second_pass(g_v_old):
             del g_v_old
             radius = rho(state.steps) if callable(rho) else rho
-            perturbation = _perturbation(g, params, radius, adaptive, eta, mask)
-            perturbed = jax.tree.map(
-                lambda w, e: w + e.astype(w.dtype), params, perturbation
-            )
-            g_s = grad_fn(perturbed)
+            rule = sam_rule(radius, adaptive, eta, mask)
+            g_s = perturbed_gradient(grad_fn, rule, g, params)
             coef = jnp.where(
                 g_norm2 > 0, _dot(g, g_s) / jnp.where(g_norm2 > 0, g_norm2, 1), 0
             )
@@ -156,9 +147,10 @@ def looksam(
 
         def reusing(g_v):
             v_norm2 = _dot(g_v, g_v)
+            weight = alpha(state.steps) if callable(alpha) else alpha
             factor = jnp.where(
                 v_norm2 > 0,
-                alpha * jnp.sqrt(g_norm2 / jnp.where(v_norm2 > 0, v_norm2, 1)),
+                weight * jnp.sqrt(g_norm2 / jnp.where(v_norm2 > 0, v_norm2, 1)),
                 0,
             )
             direction = jax.tree.map(
@@ -181,21 +173,16 @@ def looksam(
     )
 
 
-def _check_every(every: Any) -> None:
-    try:
-        value = np.asarray(every)
-    except jax.errors.TracerArrayConversionError:  # injected and traced
-        return
-    if (
-        value.ndim != 0
-        or not np.issubdtype(value.dtype, np.integer)
-        or isinstance(every, bool)
-    ):
-        raise TypeError(
-            f"`every` must be a positive int, got {every!r}; e.g. `every=5`."
-        )
-    if value < 1:
-        raise ValueError(
-            f"`every` must be a positive int (1 is SAM on every step), got {every!r}; "
-            "e.g. `every=5`."
-        )
+def _dot(a: optax.Updates, b: optax.Updates) -> Array:
+    """The inner product of two pytrees, in float32."""
+    a, b = optax.tree.cast(a, jnp.float32), optax.tree.cast(b, jnp.float32)
+    return jnp.asarray(optax.tree.vdot(a, b), jnp.float32)
+
+
+def _check_every(every: Any) -> Any:
+    """`every` as a Python int, which must be positive and reachable by an int32
+    step count; a traced one (under `optax.inject_hyperparams`) is checked by no
+    one and returned as it is."""
+    if isinstance(every, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+        return every
+    return positive_int("every", every, "every=5", maximum=INT32_MAX)

@@ -1,12 +1,13 @@
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
+
+from ._checks import non_negative
+from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
 class SAMState(NamedTuple):
@@ -21,46 +22,6 @@ class SAMState(NamedTuple):
 
     steps: Int[Array, ""]
     base_state: optax.OptState
-
-
-def check_non_negative(name: str, value: Any, example: str) -> None:
-    """A `ValueError` if `value` is a concrete real scalar (Python, NumPy or a JAX
-    array that is not traced) that is NaN, infinite or negative. Schedules
-    (callables) and traced values are checked by no one, as in Optax."""
-    if callable(value):
-        return
-    try:
-        number = np.asarray(value)
-    except jax.errors.TracerArrayConversionError:  # traced: checked by no one
-        return
-    if number.ndim != 0 or not np.issubdtype(number.dtype, np.number):
-        raise TypeError(
-            f"`{name}` must be a real scalar or a schedule, got {value!r}; "
-            f"e.g. `{name}={example}`."
-        )
-    if np.iscomplexobj(number) or not (np.isfinite(number) and number >= 0):
-        raise ValueError(
-            f"`{name}` must be finite and at least 0, got {value!r}; "
-            f"e.g. `{name}={example}`."
-        )
-
-
-def check_update_args(name: str, grad_fn, params):
-    """`(grad_fn, params)`, or a `ValueError` saying which is missing and how to
-    pass it."""
-    if grad_fn is None:
-        raise ValueError(
-            f"`eqx_norm.{name}(...).update` needs `grad_fn=`: a function from "
-            "perturbed parameters to the gradient there. Call "
-            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
-            "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
-        )
-    if params is None:
-        raise ValueError(
-            f"`eqx_norm.{name}(...).update` needs `params`, the current parameters: "
-            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
-        )
-    return grad_fn, params
 
 
 def sam(
@@ -159,8 +120,8 @@ def sam(
             "`base_optimizer` must be an Optax gradient transformation, e.g. "
             f"`eqx_norm.sam(optax.sgd(0.1), rho=0.05)`; got {type(base_optimizer)}."
         )
-    check_non_negative("rho", rho, "0.05")
-    check_non_negative("eta", eta, "0.01")
+    non_negative("rho", rho, "0.05")
+    non_negative("eta", eta, "0.01", schedule=False)
     base = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params: optax.Params) -> SAMState:
@@ -176,12 +137,12 @@ def sam(
     ) -> tuple[optax.Updates, SAMState]:
         grad_fn, params = check_update_args("sam", grad_fn, params)
         radius = rho(state.steps) if callable(rho) else rho
-        perturbation = _perturbation(updates, params, radius, adaptive, eta, mask)
-        perturbed = jax.tree.map(
-            lambda w, e: w + e.astype(w.dtype), params, perturbation
-        )
+        rule = sam_rule(radius, adaptive, eta, mask)
         new_updates, base_state = base.update(
-            grad_fn(perturbed), state.base_state, params, **extra_args
+            perturbed_gradient(grad_fn, rule, updates, params),
+            state.base_state,
+            params,
+            **extra_args,
         )
         steps = jnp.asarray(optax.safe_increment(state.steps))
         return new_updates, SAMState(steps=steps, base_state=base_state)
@@ -190,28 +151,3 @@ def sam(
         init_fn,
         update_fn,  # pyright: ignore[reportArgumentType]
     )
-
-
-def _perturbation(grads, params, rho, adaptive, eta, mask):
-    """e = rho T^2 g / ||T g|| over the masked leaves, 0 elsewhere and where g = 0."""
-    if mask is not None:
-        mask = mask(params) if callable(mask) else mask
-        grads = jax.tree.map(
-            lambda m, sub: jax.tree.map(
-                lambda g: jnp.where(m, g, jnp.zeros_like(g)), sub
-            ),
-            mask,
-            grads,
-        )
-
-    def t_of(w):
-        t = jnp.abs(w) + jnp.asarray(eta, w.dtype)
-        if isinstance(adaptive, bool):
-            return t if adaptive else jnp.ones_like(w)
-        return jnp.where(adaptive, t, jnp.ones_like(w))
-
-    t = jax.tree.map(t_of, params)
-    tg = jax.tree.map(lambda t, g: (t * g).astype(jnp.float32), t, grads)
-    norm = optax.tree.norm(tg)
-    scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0)
-    return jax.tree.map(lambda t, tg: scale * t.astype(jnp.float32) * tg, t, tg)

@@ -1,5 +1,5 @@
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._looksam import LookSAMState
+from ._checks import positive_int
+from ._perturb import StepGradient, perturb
 from ._state import copy_state
 
 _PERTURBATIONS = ("whole-batch", "per-micro-batch")
@@ -17,8 +18,11 @@ def _describe(x: Any) -> str:
     """A short picture of a pytree for an error message: arrays as dtype[shape]."""
     if isinstance(x, eqx.nn.State):
         return "State"
-    if isinstance(x, tuple):
-        return "(" + ", ".join(_describe(a) for a in x) + ")"
+    if isinstance(x, tuple):  # NamedTuples (optimizer states) by their names
+        name = type(x).__name__ if hasattr(x, "_fields") else ""
+        return name + "(" + ", ".join(_describe(a) for a in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in x.items()) + "}"
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{x.dtype}{list(x.shape)}"
     return type(x).__name__
@@ -59,25 +63,29 @@ def _check_output(out: Any, has_aux: bool) -> None:
 
 def sam_step(
     loss_fn: Callable[..., tuple[Any, Any]],
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | optax.MultiSteps,
     *,
     has_aux: bool = False,
     axis_name: Hashable | Sequence[Hashable] | None = None,
     per_device_perturbation: bool = False,
-    micro_batches: int = 1,
+    micro_batches: int | np.integer = 1,
     perturbation: Literal["whole-batch", "per-micro-batch"] = "whole-batch",
 ) -> Callable[..., tuple[Any, ...]]:
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
     The first pass, at the current parameters, gives the loss, the gradient and the
-    new state. The optimizer's update is given `grad_fn`, the gradient at other
-    parameters, as an extra argument: an [`eqx_norm.sam`][] optimizer (anywhere
-    inside `optax.chain` or `optax.inject_hyperparams`) calls it at the perturbed
-    parameters, a second pass that sees the *same* input state and whose state
-    output is dropped. So BatchNorm running statistics are updated once per step, by
-    the unperturbed pass, exactly as a plain step would. Any other Optax optimizer
-    ignores `grad_fn`, so the step is the ordinary one-pass step, and one training
-    loop serves both.
+    new state. The optimizer's update is given `grad_fn` as an extra argument (an
+    [`eqx_norm.StepGradient`][]): a SAM-family optimizer such as
+    [`eqx_norm.sam`][] or [`eqx_norm.looksam`][] (anywhere inside `optax.chain`,
+    `optax.inject_hyperparams`, `optax.apply_if_finite` or `optax.MultiSteps`)
+    hands it its perturbation rule through [`eqx_norm.perturbed_gradient`][], and
+    the step returns the gradient at the perturbed point: a second pass that sees
+    the *same* input state and whose state output is dropped. So BatchNorm running
+    statistics are updated once per step, by the unperturbed pass, exactly as a
+    plain step would. Any other Optax optimizer ignores `grad_fn`, so the step is
+    the ordinary one-pass step, and one training loop serves both. The options
+    below say where the gradients come from; the optimizer says how it perturbs;
+    neither inspects the other.
 
     ```python
     def loss_fn(model, state, x, y):
@@ -95,10 +103,12 @@ def sam_step(
     [`eqx_norm.shard_batch`][]), gradients are those of the global batch already:
     leave `axis_name` as `None`. Inside `jax.shard_map`, where each device sees its
     shard of the batch, pass the mesh axis as `axis_name`: the loss and gradients are
-    averaged across it, by default before the perturbation, so SAM on 8 devices is
-    SAM on the full batch. With `per_device_perturbation=True` each device perturbs
-    with its own gradient and only the gradients at the perturbed points are
-    averaged (the paper's m-sharpness, with m the per-device batch).
+    averaged across it, and by default the perturbation comes from the averaged
+    gradient, so SAM on 8 devices is SAM on the full batch. With
+    `per_device_perturbation=True` each device perturbs with its own gradient and
+    only the gradients at the perturbed points are averaged (the paper's
+    m-sharpness, with m the per-device batch); the optimizer itself is still given
+    the averaged gradient.
 
     Micro-batches. With `micro_batches=m` the batch (every array of `*batch`, along
     its leading axis) is split into `m` equal consecutive micro-batches, processed
@@ -115,18 +125,18 @@ def sam_step(
     With `perturbation="per-micro-batch"` each micro-batch is perturbed by its own
     gradient instead, and only the gradients at the perturbed points are averaged:
     the SAM paper's m-sharpness, with m the micro-batch size, on one device. The
-    second pass is then one SAM perturbation per micro-batch, still one micro-batch
-    at a time; it keeps the `m` first-pass gradients (`m` copies of the parameters'
-    size) to do so. It needs an optimizer that makes exactly one second pass per
-    update, such as [`eqx_norm.sam`][] (SAM or ASAM, anywhere in a chain);
-    [`eqx_norm.looksam`][], which perturbs on some steps only, is refused. With
-    `axis_name`, each device's micro-batches are perturbed by their own gradients.
+    second pass is still one micro-batch at a time; it keeps the `m` first-pass
+    gradients (`m` copies of the parameters' size) to do so. With `axis_name`, each
+    device's micro-batches are perturbed by their own gradients. With LookSAM the
+    steps that perturb do so per micro-batch. The per-device and per-micro-batch
+    options change only where a SAM-family optimizer's perturbation comes from: with
+    an optimizer that does not perturb, the step is the plain step.
 
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, state, *batch)` returning `(loss, new_state)`, or
         `(loss, (new_state, aux))` with `has_aux=True`, with a scalar loss.
-    - `optimizer`: an Optax optimizer, initialised on
+    - `optimizer`: an Optax optimizer (an `optax.MultiSteps` too), initialised on
         `eqx.filter(model, eqx.is_inexact_array)`.
     - `has_aux`: whether `loss_fn` returns an aux, as in `jax.grad`.
     - `axis_name`: inside `shard_map`, the data-parallel mesh axis (or axes).
@@ -146,43 +156,49 @@ def sam_step(
 
     **Raises:**
 
-    When the step is traced, a `TypeError` naming `loss_fn` if it returns another
-    structure than `has_aux` says, and a `ValueError` if `per_device_perturbation`
-    is given without `axis_name`, if either per-device or per-micro-batch
-    perturbation is given an optimizer that makes no second pass (or, for the
-    latter, a LookSAM), or if `micro_batches` does not divide the batch.
+    At once, a `ValueError` for a `micro_batches` below 1 (a `TypeError` if it is
+    not an int of any integer type), an unknown `perturbation`, or
+    `per_device_perturbation` without `axis_name`. When the step is traced, a
+    `TypeError` naming `loss_fn` if it returns another structure than `has_aux`
+    says, and a `ValueError` naming `opt_state` if it is not a state of `optimizer`
+    for this model, if `micro_batches` does not divide the batch or the batch's
+    arrays differ in length, or if a per-device or per-micro-batch perturbation is
+    asked of an optimizer that calls `grad_fn` at a point of its own instead of
+    through `eqx_norm.perturbed_gradient`.
     """
-    if (
-        not isinstance(micro_batches, int)
-        or isinstance(micro_batches, bool)
-        or micro_batches < 1
-    ):
-        raise ValueError(
-            f"`micro_batches` must be a positive int, got {micro_batches!r}; e.g. "
-            "`micro_batches=4`."
-        )
-
+    micro_batches = positive_int("micro_batches", micro_batches, "micro_batches=4")
     if perturbation not in _PERTURBATIONS:
         raise ValueError(
             f"`perturbation` must be one of {_PERTURBATIONS}, got {perturbation!r}; "
             'e.g. `perturbation="per-micro-batch"` for one perturbation per '
             "micro-batch."
         )
-    per_micro_batch = perturbation == "per-micro-batch"
-    local = per_device_perturbation or per_micro_batch
     if per_device_perturbation and axis_name is None:
         raise ValueError(
             "`per_device_perturbation=True` needs the data axis: pass `axis_name=` "
             "(the `shard_map` mesh axis the batch is split over)."
         )
+    if perturbation == "per-micro-batch":
+        source = "micro-batch"
+    elif per_device_perturbation:
+        source = "device"
+    else:
+        source = "mean"
 
     def mean(tree):
         return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
+    if isinstance(optimizer, optax.MultiSteps):
+        # Its `update` passes extra arguments on, but it is not marked as doing so.
+        optimizer = optax.GradientTransformationExtraArgs(
+            optimizer.init,
+            optimizer.update,  # pyright: ignore[reportArgumentType]
+        )
     optimizer = optax.with_extra_args_support(optimizer)
 
     def step(model, state, opt_state, *batch):
         params, static = eqx.partition(model, eqx.is_inexact_array)
+        _check_opt_state(optimizer, opt_state, params)
 
         def loss_and_rest(params, state, batch):
             out = loss_fn(eqx.combine(params, static), state, *batch)
@@ -190,83 +206,121 @@ def sam_step(
             return out
 
         if micro_batches == 1:
-            loss, rest, grads, gradient_at = _whole_batch(
-                loss_and_rest, params, state, batch
-            )
-            parts = None
+            first = _whole_batch(loss_and_rest, params, state, batch)
         else:
-            loss, rest, grads, gradient_at, parts = _in_micro_batches(
+            first = _in_micro_batches(
                 loss_and_rest, params, state, batch, micro_batches, has_aux
             )
-        if per_micro_batch and _has_looksam(opt_state):
-            raise ValueError(
-                '`perturbation="per-micro-batch"` needs an optimizer that perturbs '
-                "on every step, such as `eqx_norm.sam(...)`; `eqx_norm.looksam` "
-                "perturbs on some steps only. Use the whole-batch perturbation "
-                "with LookSAM."
-            )
-        if per_micro_batch and parts is not None:
-            perturbed_mean = _perturbed_per_micro_batch(
-                loss_and_rest, optimizer, opt_state, params, parts, micro_batches
-            )
-            gradient_at = lambda _: perturbed_mean  # noqa: E731
-        second_passes = []
-
-        def grad_fn(perturbed):
-            second_passes.append(perturbed)
-            return mean(gradient_at(perturbed))
-
         updates, opt_state = optimizer.update(
-            grads if local else mean(grads),
+            mean(first.grads),
             opt_state,
             params,
-            grad_fn=grad_fn,
+            grad_fn=_Gradients(first, loss_and_rest, source, mean),
         )
-        if local and len(second_passes) != 1:
-            flag = (
-                'perturbation="per-micro-batch"'
-                if per_micro_batch
-                else "per_device_perturbation=True"
-            )
-            raise ValueError(
-                f"`{flag}` needs an optimizer that perturbs, such as "
-                f"`eqx_norm.sam(...)`: this one made {len(second_passes)} second "
-                "passes, not one."
-            )
         model = eqx.apply_updates(model, updates)
         if has_aux:
-            new_state, aux = rest
-            return model, new_state, opt_state, mean(loss), aux
-        return model, rest, opt_state, mean(loss)
+            new_state, aux = first.rest
+            return model, new_state, opt_state, mean(first.loss), aux
+        return model, first.rest, opt_state, mean(first.loss)
 
     return step
 
 
-def _add(a, b):
-    return jax.tree.map(jnp.add, a, b)
+class _FirstPass(NamedTuple):
+    """The unperturbed pass: its mean loss, `rest` (the new state, with the aux),
+    this device's mean gradient, `gradient_at(p)` (the mean gradient at other
+    parameters from the same input states), and, with micro-batches, the parts a
+    per-micro-batch perturbation needs: the micro-batches, the states they saw and
+    their gradients, stacked on a leading axis."""
+
+    loss: Any
+    rest: Any
+    grads: Any
+    gradient_at: Callable[[Any], Any]
+    parts: tuple[Any, Any, Any] | None
+
+
+class _Gradients(StepGradient):
+    """The step's `grad_fn`: the gradient at other parameters of this step's batch,
+    and the gradient at a perturbation rule's points, from the gradient that
+    `source` names: `"mean"` (the one the optimizer was given), `"device"` (this
+    device's own) or `"micro-batch"` (each micro-batch's own)."""
+
+    def __init__(self, first: _FirstPass, loss_and_rest, source: str, mean):
+        self.first = first
+        self.loss_and_rest = loss_and_rest
+        self.source = source
+        self.mean = mean
+
+    def __call__(self, params):
+        if self.source != "mean":
+            flag = (
+                'perturbation="per-micro-batch"'
+                if self.source == "micro-batch"
+                else "per_device_perturbation=True"
+            )
+            raise ValueError(
+                f"`sam_step(..., {flag})` applies each part's own gradient to the "
+                "optimizer's perturbation rule, but this optimizer called `grad_fn` "
+                "with a point it chose itself. Get the second gradient with "
+                "`eqx_norm.perturbed_gradient(grad_fn, rule, grads, params)`, as "
+                "`eqx_norm.sam` does."
+            )
+        return self.mean(self.first.gradient_at(params))
+
+    def perturbed(self, rule, grads, params):
+        first = self.first
+        if self.source == "micro-batch" and first.parts is not None:
+            return self.mean(
+                _per_micro_batch(self.loss_and_rest, rule, params, first.parts)
+            )
+        own = grads if self.source == "mean" else first.grads
+        return self.mean(first.gradient_at(perturb(params, rule(own, params))))
+
+
+def _check_opt_state(optimizer, opt_state, params) -> None:
+    """A `ValueError` naming `opt_state` if it is not the state `optimizer.init`
+    makes for these parameters (another optimizer's, or other parameters')."""
+    expected = jax.eval_shape(optimizer.init, params)
+    same = jax.tree.structure(expected) == jax.tree.structure(opt_state) and all(
+        np.shape(a) == np.shape(b)
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(opt_state))
+    )
+    if not same:
+        raise ValueError(
+            "`opt_state` is not a state of this step's optimizer for this model: "
+            f"the optimizer makes {_describe(expected)}, but the step got "
+            f"{_describe(opt_state)}. Make it with "
+            "`optimizer.init(eqx.filter(model, eqx.is_inexact_array))`, with the "
+            "optimizer given to `sam_step`."
+        )
 
 
 def _split(batch: tuple, m: int) -> tuple:
     """Every array of the batch split along its leading axis into `m` equal
     consecutive parts, stacked on a new leading axis."""
-    sizes = {np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a) > 0}
-    for size in sizes:
-        if size % m:
-            raise ValueError(
-                f"`sam_step(micro_batches={m})` got a batch of {size} examples, which "
-                f"does not split into {m} equal micro-batches. Use a batch size that "
-                "is a multiple of `micro_batches`."
-            )
+    sizes = sorted({np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a)})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"`sam_step(micro_batches={m})` got batch arrays of different leading "
+            f"sizes {sizes}; each array of `*batch` must hold one row per example, "
+            "so that every micro-batch takes the same examples from each."
+        )
+    if sizes and sizes[0] % m:
+        raise ValueError(
+            f"`sam_step(micro_batches={m})` got a batch of {sizes[0]} examples, which "
+            f"does not split into {m} equal micro-batches. Use a batch size that "
+            "is a multiple of `micro_batches`."
+        )
     return jax.tree.map(
         lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]) if np.ndim(a) else a,
         batch,
     )
 
 
-def _whole_batch(loss_and_rest, params, state, batch):
-    """The first pass on the whole batch: `(loss, rest, grads, gradient_at)`, where
-    `gradient_at(p)` is the gradient at other parameters from the same input
-    state."""
+def _whole_batch(loss_and_rest, params, state, batch) -> _FirstPass:
+    """The first pass on the whole batch; the gradient at other parameters starts
+    from the same input state."""
     value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
     (loss, rest), grads = value_and_grad(params, copy_state(state), batch)
 
@@ -274,16 +328,13 @@ def _whole_batch(loss_and_rest, params, state, batch):
         loss_at = lambda p: loss_and_rest(p, copy_state(state), batch)[0]  # noqa: E731
         return jax.grad(loss_at)(perturbed)
 
-    return loss, rest, grads, gradient_at
+    return _FirstPass(loss, rest, grads, gradient_at, None)
 
 
-def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
-    """As `_whole_batch`, over `m` micro-batches in turn: the mean loss, the final
-    state (with each micro-batch's aux, stacked), the mean gradient,
-    `gradient_at(p)`, the mean gradient at `p` with each micro-batch evaluated from
-    the state it saw in the first pass, and the parts a per-micro-batch
-    perturbation needs: the micro-batches, the states they saw and their
-    gradients, each stacked on a leading axis of size `m`."""
+def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> _FirstPass:
+    """The first pass over `m` micro-batches in turn (`lax.scan`), the state
+    threaded through them; the gradient at other parameters evaluates each
+    micro-batch from the state it saw here. The aux is each micro-batch's, stacked."""
     micro = _split(batch, m)
     value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
 
@@ -292,9 +343,9 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
         seen = copy_state(state)
         (loss, rest), grads = value_and_grad(params, copy_state(state), mb)
         new_state, aux = rest if has_aux else (rest, None)
-        return (new_state, _add(total, grads)), (loss, aux, seen, grads)
+        return (new_state, optax.tree.add(total, grads)), (loss, aux, seen, grads)
 
-    zero = jax.tree.map(jnp.zeros_like, params)
+    zero = optax.tree.zeros_like(params)
     (state, total), (losses, auxes, seen, each) = jax.lax.scan(
         first, (copy_state(state), zero), micro
     )
@@ -303,48 +354,26 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux):
         def second(total, mb_and_state):
             mb, mb_state = mb_and_state
             loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
-            return _add(total, jax.grad(loss_at)(perturbed)), None
+            return optax.tree.add(total, jax.grad(loss_at)(perturbed)), None
 
-        total, _ = jax.lax.scan(
-            second, jax.tree.map(jnp.zeros_like, perturbed), (micro, seen)
-        )
-        return jax.tree.map(lambda g: g / m, total)
+        total, _ = jax.lax.scan(second, optax.tree.zeros_like(perturbed), (micro, seen))
+        return optax.tree.scale(1 / m, total)
 
-    grads = jax.tree.map(lambda g: g / m, total)
     rest = (state, auxes) if has_aux else state
-    return jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each)
+    grads = optax.tree.scale(1 / m, total)
+    return _FirstPass(jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each))
 
 
-def _has_looksam(opt_state) -> bool:
-    is_looksam = lambda s: isinstance(s, LookSAMState)  # noqa: E731
-    return any(map(is_looksam, jax.tree.leaves(opt_state, is_leaf=is_looksam)))
-
-
-def _perturbed_per_micro_batch(loss_and_rest, optimizer, opt_state, params, parts, m):
+def _per_micro_batch(loss_and_rest, rule, params, parts):
     """The mean over micro-batches of the gradient at each one's own perturbed
-    point: the optimizer's update is run once per micro-batch on its gradient (in a
-    `lax.scan`, one micro-batch at a time), only to catch the point its `grad_fn`
-    is called at; its updates are dropped, and XLA removes what only they use."""
+    point, `params + rule(its gradient, params)`, one micro-batch at a time."""
     micro, seen, each = parts
 
     def one(total, part):
         mb, mb_state, grads = part
-        found = []
+        loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
+        point = perturb(params, rule(grads, params))
+        return optax.tree.add(total, jax.grad(loss_at)(point)), None
 
-        def grad_fn(perturbed):
-            loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
-            found.append(jax.grad(loss_at)(perturbed))
-            return found[-1]
-
-        optimizer.update(grads, opt_state, params, grad_fn=grad_fn)
-        if len(found) != 1:
-            raise ValueError(
-                '`perturbation="per-micro-batch"` needs an optimizer that perturbs, '
-                f"such as `eqx_norm.sam(...)`: this one made {len(found)} second "
-                "passes, not one."
-            )
-        return _add(total, found[0]), None
-
-    zero = jax.tree.map(jnp.zeros_like, params)
-    total, _ = jax.lax.scan(one, zero, (micro, seen, each))
-    return jax.tree.map(lambda g: g / m, total)
+    total, _ = jax.lax.scan(one, optax.tree.zeros_like(params), (micro, seen, each))
+    return optax.tree.scale(1 / len(jax.tree.leaves(each)[0]), total)

@@ -762,6 +762,7 @@ def test_string_numbers_are_refused_without_the_type_checker():
     script = textwrap.dedent(
         """
         import equinox as eqx
+        import optax
         import eqx_norm
 
         cases = {
@@ -769,6 +770,12 @@ def test_string_numbers_are_refused_without_the_type_checker():
             "eps": lambda: eqx_norm.BatchNorm(3, "batch", eps=b"1e-5"),
             "r_max": lambda: eqx_norm.Renorm(r_max="3"),
             "d_max": lambda: eqx_norm.Renorm(d_max=True),
+            "every": lambda: eqx_norm.looksam(optax.sgd(0.1), every="5"),
+            "alpha": lambda: eqx_norm.looksam(optax.sgd(0.1), alpha="0.7"),
+            "eta": lambda: eqx_norm.sam(optax.sgd(0.1), eta=lambda t: 0.01),
+            "micro_batches": lambda: eqx_norm.sam_step(
+                lambda *a: a, optax.sgd(0.1), micro_batches="2"
+            ),
         }
         for name, make in cases.items():
             try:
@@ -783,5 +790,6 @@ def test_string_numbers_are_refused_without_the_type_checker():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [
-        "momentum", "True", "eps", "True", "r_max", "True", "d_max", "True"
+        "momentum", "True", "eps", "True", "r_max", "True", "d_max", "True",
+        "every", "True", "alpha", "True", "eta", "True", "micro_batches", "True",
     ]  # fmt: skip

@@ -265,3 +265,68 @@ def test_update_without_grad_fn_points_to_sam_step():
     params = _params()
     with pytest.raises(ValueError, match=r"needs `grad_fn=`.*sam_step"):
         opt.update(params, opt.init(params), params)
+
+
+@pytest.mark.parametrize(
+    "every, error, message",
+    [
+        (2**31, ValueError, r"`every` must be at most 2147483647"),
+        (2**40, ValueError, r"`every` must be at most"),
+        (np.int64(2**31), ValueError, r"`every` must be at most"),
+        (-1, ValueError, r"`every` must be a positive int"),
+        (True, TypeError, r"`every` must be an int"),
+    ],
+    ids=["2**31", "2**40", "np-2**31", "negative", "bool"],
+)
+def test_every_beyond_int32_is_refused_at_construction(every, error, message):
+    """`looksam(every=2**31)` was accepted and the first `update` raised an
+    `OverflowError` naming nothing: the step count is an int32."""
+    with pytest.raises(error, match=message):
+        eqx_norm.looksam(optax.sgd(0.1), every=every)
+
+
+def test_every_takes_integers_of_any_type():
+    """NumPy and JAX integers are the same `every` as a Python int."""
+    params = _params()
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.2, params)
+    grad_fn = lambda p: jax.tree.map(lambda q: 0.1 * q + 0.2, p)  # noqa: E731
+    outs = []
+    for every in (3, np.int64(3), np.uint16(3), jnp.asarray(3), 2**31 - 1):
+        opt = eqx_norm.looksam(optax.sgd(0.1), every=every)
+        outs.append(opt.update(grads, opt.init(params), params, grad_fn=grad_fn)[0])
+    for other in outs[1:]:
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_alpha_schedule_is_evaluated_at_the_step_count():
+    """`alpha` as a schedule was accepted by the check and failed on the first
+    reusing step; it is now evaluated at the update count, as `rho` is: two steps
+    with `alpha(t) = 0.1 (t + 1)` equal two steps with `alpha=0.2`, the value the
+    reusing step (t = 1) reads."""
+    params = _params()
+    grad_fn = lambda p: jax.tree.map(lambda q: 0.1 * q + 0.2 * q**2 + 0.1, p)  # noqa: E731
+    outs = []
+    for alpha in (lambda t: 0.1 * (t + 1).astype(jnp.float32), 0.2):
+        opt = eqx_norm.looksam(optax.sgd(0.1), every=2, alpha=alpha)
+        p, state = params, opt.init(params)
+        for _ in range(2):
+            updates, state = opt.update(grad_fn(p), state, p, grad_fn=grad_fn)
+            p = optax.apply_updates(p, updates)
+        outs.append(p)
+    for a, b in zip(*map(jax.tree.leaves, outs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(jax.tree.leaves(outs[0])[0], jax.tree.leaves(params)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 1 + 2j}, r"`alpha` must be finite and at least 0"),
+        ({"alpha": np.array([0.1, 0.2])}, r"`alpha` must be a real scalar or a sch"),
+    ],
+    ids=["alpha-complex", "alpha-vector"],
+)
+def test_hyperparameters_say_what_is_accepted(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        eqx_norm.looksam(optax.sgd(0.1), **kwargs)

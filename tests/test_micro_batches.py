@@ -164,7 +164,7 @@ def test_batch_that_does_not_split_is_refused(getkey):
         step(model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y)
 
 
-@pytest.mark.parametrize("value", [0, 2.0, True])
+@pytest.mark.parametrize("value", [0, -3, 2.0, True, np.bool_(True), "2"])
 def test_bad_micro_batches_is_refused(value):
     with pytest.raises((ValueError, TypeError), match="micro_batches"):
         eqx_norm.sam_step(mse_loss, optax.sgd(0.1), micro_batches=value)
@@ -226,24 +226,100 @@ def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey
     assert not np.allclose(first, jax.tree.leaves(expected)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "opt, match",
-    [
-        (optax.sgd(0.1), "needs an optimizer that perturbs"),
-        (eqx_norm.looksam(optax.sgd(0.1)), "looksam` perturbs on some steps"),
-    ],
-    ids=["plain", "looksam"],
-)
-def test_per_micro_batch_needs_an_optimizer_that_perturbs(opt, match, getkey):
+def test_per_micro_batch_with_a_plain_optimizer_is_gradient_accumulation(getkey):
+    """The perturbation options say where a SAM-family optimizer's perturbation
+    comes from; an optimizer that does not perturb makes the plain step (here,
+    gradient accumulation over two micro-batches), bit for bit."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = optax.sgd(0.1)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = _data(getkey())
+    outs = [
+        eqx.filter_jit(
+            eqx_norm.sam_step(mse_loss, opt, micro_batches=2, perturbation=mode)
+        )(model, clone(state), opt_state, x, y)
+        for mode in ("whole-batch", "per-micro-batch")
+    ]
+    for u, v in zip(*map(jax.tree.leaves, outs)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_per_micro_batch_looksam_every_step_equals_sam(getkey):
+    """LookSAM perturbing on every step is SAM, per micro-batch too: its rule goes
+    through the same contract, inside its `lax.cond`."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    x, y = _data(getkey())
+    outs = []
+    for opt in (
+        eqx_norm.sam(optax.sgd(0.1)),
+        eqx_norm.looksam(optax.sgd(0.1), every=1),
+    ):
+        step = eqx_norm.sam_step(
+            mse_loss, opt, micro_batches=4, perturbation="per-micro-batch"
+        )
+        new_model, new_state, _, loss = eqx.filter_jit(step)(
+            model, clone(state), opt.init(params), x, y
+        )
+        outs.append((eqx.filter(new_model, eqx.is_inexact_array), new_state, loss))
+    for u, v in zip(*map(jax.tree.leaves, outs)):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+
+
+def test_per_micro_batch_refuses_an_optimizer_that_picks_its_own_point(getkey):
+    """A variant that calls `grad_fn` at a point of its own cannot be perturbed per
+    micro-batch: a clear error that names `perturbed_gradient`, state unchanged."""
+
+    def own_point(updates, state, params, *, grad_fn, **extra):
+        return grad_fn(params), state
+
+    opt = optax.GradientTransformationExtraArgs(
+        optax.identity().init,
+        own_point,  # pyright: ignore[reportArgumentType]
+    )
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    before = jax.tree.leaves(clone(state))
     step = eqx_norm.sam_step(
         mse_loss, opt, micro_batches=2, perturbation="per-micro-batch"
     )
     x, y = _data(getkey())
-    with pytest.raises(ValueError, match=match):
-        step(model, state, opt_state, x, y)
-    assert np.isfinite(jax.tree.leaves(state)[0]).all()  # not touched
+    with pytest.raises(ValueError, match="perturbed_gradient"):
+        step(model, state, optax.EmptyState(), x, y)
+    for a, b in zip(before, jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_micro_batches_accepts_numpy_integers(getkey):
+    """`micro_batches=np.int64(2)` was refused as "not a positive int", where the
+    layer and LookSAM take NumPy integers: it is the same step as `2`."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = _data(getkey())
+    outs = [
+        eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=m))(
+            model, clone(state), opt_state, x, y
+        )
+        for m in (2, np.int64(2), np.uint8(2))
+    ]
+    for other in outs[1:]:
+        for u, v in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other)):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_micro_batches_refuse_arrays_of_different_lengths(getkey):
+    """8 examples and 2 labels: each array used to be split on its own, and one
+    label broadcast over four examples. Now a `ValueError` naming both sizes."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = _data(getkey(), n=8)
+    before = jax.tree.leaves(clone(state))
+    step = eqx_norm.sam_step(mse_loss, opt, micro_batches=2)
+    with pytest.raises(ValueError, match=r"different leading sizes \[2, 8\]"):
+        step(model, state, opt_state, x, y[:2])
+    for a, b in zip(before, jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_unknown_perturbation_is_refused():

@@ -384,3 +384,135 @@ def test_vmapped_ensemble_equals_separate_runs(getkey):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(state)):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+@pytest.mark.parametrize(
+    "make_opt, other",
+    [
+        (
+            lambda: eqx_norm.sam(optax.sgd(0.1)),
+            lambda: eqx_norm.looksam(optax.sgd(0.1)),
+        ),
+        (lambda: eqx_norm.sam(optax.sgd(0.1)), lambda: eqx_norm.sam(optax.adam(0.1))),
+    ],
+    ids=["looksam-state-to-sam", "sam-adam-state-to-sam-sgd"],
+)
+def test_sam_step_refuses_another_optimizers_state(make_opt, other, getkey):
+    """An optimizer state of another optimizer ran silently and came back in
+    another structure: now a `ValueError` naming `opt_state` and both structures,
+    before any pass, with the model state untouched."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt, wrong = make_opt(), other()
+    x, y = _data(getkey())
+    before = jax.tree.leaves(clone(state))
+    step = eqx_norm.sam_step(loss_fn, opt)
+    expected = type(opt.init(params)).__name__
+    got = type(wrong.init(params)).__name__
+    with pytest.raises(ValueError, match=rf"`opt_state`.*{expected}.*{got}"):
+        step(model, state, wrong.init(params), x, y)
+    for a, b in zip(before, jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+_WRAPPERS = {
+    "apply_if_finite": lambda opt: optax.apply_if_finite(opt, max_consecutive_errors=3),
+    "MultiSteps": lambda opt: optax.MultiSteps(opt, every_k_schedule=1),
+    "masked": lambda opt: optax.masked(opt, lambda p: jax.tree.map(lambda _: True, p)),
+}
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps
+@pytest.mark.parametrize("wrapper", sorted(_WRAPPERS))
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"micro_batches": 2}, {"micro_batches": 2, "perturbation": "per-micro-batch"}],
+    ids=["whole-batch", "micro-batches", "per-micro-batch"],
+)
+def test_every_step_mode_works_inside_optax_wrappers(wrapper, kwargs, getkey):
+    """Per-micro-batch perturbation crashed inside `optax.apply_if_finite` (its
+    gradients left the wrapper's `lax.cond` through a Python list). Every mode of
+    the step, inside each wrapper that may run the update conditionally, equals
+    the same step without the wrapper."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    x, y = _data(getkey())
+    outs = []
+    for opt in (
+        eqx_norm.sam(optax.sgd(0.1)),
+        _WRAPPERS[wrapper](eqx_norm.sam(optax.sgd(0.1))),
+    ):
+        step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt, **kwargs))
+        new_model, new_state, _, loss = step(
+            model, clone(state), opt.init(params), x, y
+        )
+        outs.append((eqx.filter(new_model, eqx.is_inexact_array), new_state, loss))
+    for a, b in zip(*map(jax.tree.leaves, outs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getkey):
+    """`optax.inject_hyperparams(eqx_norm.sam)` with an injected `rho`, perturbed
+    per micro-batch: the same step as `rho` given directly, and rho = 0 is the
+    plain step."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    x, y = _data(getkey())
+    kwargs = {"micro_batches": 2, "perturbation": "per-micro-batch"}
+    outs = []
+    for opt in (
+        optax.inject_hyperparams(eqx_norm.sam, static_args="base_optimizer")(
+            optax.sgd(0.1), rho=0.2
+        ),
+        eqx_norm.sam(optax.sgd(0.1), rho=0.2),
+    ):
+        step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt, **kwargs))
+        new_model, _, _, _ = step(model, clone(state), opt.init(params), x, y)
+        outs.append(eqx.filter(new_model, eqx.is_inexact_array))
+    for a, b in zip(*map(jax.tree.leaves, outs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_user_written_variant_on_the_contract(getkey):
+    """The docs' SAM variant in a dozen lines: `eqx_norm.perturbed_gradient` gives it
+    the gradient at `w + rho sign(g)`, by hand and through `sam_step` alike, against
+    the same formula written out."""
+    rho, lr = 0.03, 0.1
+
+    def signed_sam(base):
+        base = optax.with_extra_args_support(base)
+
+        def rule(grads, params):
+            return jax.tree.map(lambda g: rho * jnp.sign(g), grads)
+
+        def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+            g = eqx_norm.perturbed_gradient(grad_fn, rule, updates, params)
+            return base.update(g, state, params, **extra)
+
+        return optax.GradientTransformationExtraArgs(base.init, update_fn)
+
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x, y = _data(getkey())
+    opt = signed_sam(optax.sgd(lr))
+    new_model, new_state, _, _ = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))(
+        model, clone(state), opt.init(params), x, y
+    )
+
+    def loss_at(p):
+        return loss_fn(eqx.combine(p, static), clone(state), x, y)[0]
+
+    g = jax.grad(loss_at)(params)
+    g2 = jax.grad(loss_at)(jax.tree.map(lambda w, g: w + rho * jnp.sign(g), params, g))
+    expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _, plain_state, _, _ = eqx.filter_jit(eqx_norm.sam_step(loss_fn, optax.sgd(lr)))(
+        model, clone(state), optax.sgd(lr).init(params), x, y
+    )
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
+        np.testing.assert_array_equal(a, b)

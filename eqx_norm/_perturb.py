@@ -1,0 +1,161 @@
+r"""The contract between a SAM-family optimizer and the training step.
+
+The optimizer says *how* it perturbs: a rule from a gradient (and the parameters)
+to a perturbation, handed to [`eqx_norm.perturbed_gradient`][] when, and only when,
+it wants the gradient at the perturbed point. The step says *where the gradients
+come from*: whose gradient feeds the rule (the batch's mean, each device's own or
+each micro-batch's own) and how the gradients at the perturbed points are averaged.
+Neither watches the other run.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Perturbation: TypeAlias = Callable[[optax.Updates, optax.Params], optax.Updates]
+"""A perturbation rule: `rule(grads, params)` returns the perturbation $e$, with the
+structure of the parameters; the perturbed point is `params + e`."""
+
+
+class StepGradient(abc.ABC):
+    """What [`eqx_norm.sam_step`][] passes an optimizer as `grad_fn`.
+
+    Called with parameters, it is the plain `grad_fn`: the gradient of the step's
+    batch at those parameters, from the step's input state. Through
+    [`eqx_norm.perturbed_gradient`][] it also takes a perturbation rule and decides
+    whose gradient feeds it: the batch's mean gradient (the default), each device's
+    own (`per_device_perturbation=True`) or each micro-batch's own
+    (`perturbation="per-micro-batch"`).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, params: optax.Params) -> optax.Updates:
+        """The gradient at `params`, averaged over the batch (and devices)."""
+
+    @abc.abstractmethod
+    def perturbed(
+        self, rule: Perturbation, grads: optax.Updates, params: optax.Params
+    ) -> optax.Updates:
+        """The average gradient at the perturbed points that `rule` gives: from
+        `grads` (the gradient the optimizer was given) or from each part's own."""
+
+
+def perturb(params: optax.Params, perturbation: optax.Updates) -> optax.Params:
+    """`params + perturbation`, leaf by leaf, in the parameters' dtypes."""
+    return jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, perturbation)
+
+
+def perturbed_gradient(
+    grad_fn: Callable[[optax.Params], optax.Updates] | None,
+    rule: Perturbation,
+    grads: optax.Updates,
+    params: optax.Params | None,
+) -> optax.Updates:
+    r"""The gradient at the point a SAM-family optimizer perturbs to: the one call a
+    SAM variant makes to get its second gradient.
+
+    With a plain `grad_fn` (an `update` called by hand), this is
+    `grad_fn(params + rule(grads, params))`. With the `grad_fn` that
+    [`eqx_norm.sam_step`][] passes (an [`eqx_norm.StepGradient`][]), the step
+    applies `rule` to the gradient its options name: `grads` by default, each
+    device's own gradient with `per_device_perturbation=True`, or each micro-batch's
+    own with `perturbation="per-micro-batch"`, and averages the gradients at the
+    perturbed points. So a variant written on this call gets every option of the
+    step, and the step never needs to know what the variant does.
+
+    ```python
+    def signed_sam(base, rho):  # a SAM variant in a dozen lines
+        base = optax.with_extra_args_support(base)
+
+        def rule(grads, params):
+            return jax.tree.map(lambda g: rho * jnp.sign(g), grads)
+
+        def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+            g = eqx_norm.perturbed_gradient(grad_fn, rule, updates, params)
+            return base.update(g, state, params, **extra)
+
+        return optax.GradientTransformationExtraArgs(base.init, update_fn)
+    ```
+
+    Call it once per step where the variant perturbs (inside a `lax.cond` if it
+    perturbs on some steps only, as [`eqx_norm.looksam`][] does): each call is one
+    more forward and backward pass.
+
+    **Arguments:**
+
+    - `grad_fn`: the `grad_fn` the optimizer's `update` was given.
+    - `rule`: the perturbation rule, `rule(grads, params) -> e`, with `e` of the
+        structure of `params`.
+    - `grads`: the gradient the optimizer was given.
+    - `params`: the current parameters.
+
+    **Returns:**
+
+    The gradient at the perturbed point (or the mean over the perturbed points).
+
+    **Raises:**
+
+    A `ValueError` if `grad_fn` or `params` is `None` (an `update` called without
+    them), saying how to pass them.
+    """
+    checked_fn, checked_params = check_update_args(None, grad_fn, params)
+    if isinstance(checked_fn, StepGradient):
+        return checked_fn.perturbed(rule, grads, checked_params)
+    return checked_fn(perturb(checked_params, rule(grads, checked_params)))
+
+
+def check_update_args(name: str | None, grad_fn: Any, params: Any) -> tuple[Any, Any]:
+    """`(grad_fn, params)`, or a `ValueError` saying which is missing and how to
+    pass it; `name` is the optimizer's (`None`: a user's)."""
+    who = (
+        "this optimizer's `update`"
+        if name is None
+        else f"`eqx_norm.{name}(...).update`"
+    )
+    if grad_fn is None:
+        raise ValueError(
+            f"{who} needs `grad_fn=`: a function from "
+            "perturbed parameters to the gradient there. Call "
+            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
+            "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
+        )
+    if params is None:
+        raise ValueError(
+            f"{who} needs `params`, the current parameters: "
+            "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`."
+        )
+    return grad_fn, params
+
+
+def sam_rule(rho: Any, adaptive: Any, eta: Any, mask: Any) -> Perturbation:
+    r"""(A)SAM's rule: $e = \rho T^2 g / \lVert T g \rVert$ over the masked leaves,
+    0 elsewhere and where $g = 0$; $T = 1$ (SAM) or $|w| + \eta$ (ASAM)."""
+
+    def rule(grads: optax.Updates, params: optax.Params) -> optax.Updates:
+        chosen = mask(params) if callable(mask) else mask
+        if chosen is not None:
+            grads = jax.tree.map(
+                lambda m, sub: jax.tree.map(
+                    lambda g: jnp.where(m, g, jnp.zeros_like(g)), sub
+                ),
+                chosen,
+                grads,
+            )
+
+        def t_of(w):
+            t = jnp.abs(w) + jnp.asarray(eta, w.dtype)
+            if isinstance(adaptive, bool):
+                return t if adaptive else jnp.ones_like(w)
+            return jnp.where(adaptive, t, jnp.ones_like(w))
+
+        t = jax.tree.map(t_of, params)
+        tg = jax.tree.map(lambda t, g: (t * g).astype(jnp.float32), t, grads)
+        norm = optax.tree.norm(tg)
+        scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0)
+        return jax.tree.map(lambda t, tg: scale * t.astype(jnp.float32) * tg, t, tg)
+
+    return rule
