@@ -58,3 +58,11 @@ def test_pages_are_in_the_nav():
     for page in PAGES:
         relative = page.relative_to(DOCS).as_posix()
         assert relative in nav, f"{relative} is not in mkdocs.yml's nav"
+
+
+def test_no_code_inside_latex_text():
+    """Backticks inside `\\text{...}` render as quotes in the maths
+    (docs/sam.md showed ‘adaptive=True‘): code goes outside the formula."""
+    for page in PAGES + [DOCS.parent / "README.md"]:
+        for match in re.finditer(r"\\text\{([^}]*)\}", page.read_text()):
+            assert "`" not in match.group(1), f"{page.name}: {match.group(0)}"
