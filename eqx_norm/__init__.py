@@ -27,8 +27,10 @@ from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
 from ._looksam import LookSAMState as LookSAMState, looksam as looksam
 from ._perturb import (
+    NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
     StepGradient as StepGradient,
+    pass_point as pass_point,
     perturbed_gradient as perturbed_gradient,
 )
 from ._recalibrate import recalibrate as recalibrate
@@ -58,6 +60,7 @@ __all__ = [
     "Frozen",
     "LayerDiagnosis",
     "LookSAMState",
+    "NextPerturbation",
     "Perturbation",
     "Renorm",
     "Running",
@@ -73,6 +76,7 @@ __all__ = [
     "from_equinox",
     "load",
     "looksam",
+    "pass_point",
     "perturbed_gradient",
     "recalibrate",
     "replicate",

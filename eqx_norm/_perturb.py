@@ -5,12 +5,14 @@ to a perturbation, handed to [`eqx_norm.perturbed_gradient`][] when, and only wh
 it wants the gradient at the perturbed point. The step says *where the gradients
 come from*: whose gradient feeds the rule (the batch's mean, each device's own or
 each micro-batch's own) and how the gradients at the perturbed points are averaged.
-Neither watches the other run.
+Neither watches the other run. An optimizer that knows before the step where its
+one gradient should be taken says so in its state ([`eqx_norm.NextPerturbation`][]),
+and the step takes its only pass there.
 """
 
 import abc
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,55 @@ class StepGradient(abc.ABC):
     ) -> optax.Updates:
         """The average gradient at the perturbed points that `rule` gives: from
         `grads` (the gradient the optimizer was given) or from each part's own."""
+
+
+class NextPerturbation(NamedTuple):
+    """Declares, inside an optimizer's state, the point of the next step's one pass.
+
+    An optimizer that knows before a step where its gradient should be taken (as
+    Momentum-SAM does, from its momentum) keeps a `NextPerturbation` in its state.
+    [`eqx_norm.sam_step`][] then makes the step's single forward and backward pass at
+    `params + perturbation` (BatchNorm statistics come from that pass) and gives the
+    optimizer the gradient there, while the parameters it updates and returns stay
+    unperturbed. Found anywhere in the state, so it works inside `optax.chain`,
+    `optax.inject_hyperparams` and the like. See [`eqx_norm.pass_point`][].
+
+    **Attributes:**
+
+    - `perturbation`: with the structure of the parameters; zeros for "at the
+        parameters themselves".
+    """
+
+    perturbation: optax.Updates
+
+
+def _is_next(x: Any) -> bool:
+    return isinstance(x, NextPerturbation)
+
+
+def pass_point(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
+    """Where the next step's gradient is taken: `params` plus every
+    [`eqx_norm.NextPerturbation`][] in `opt_state` (just `params` where there is
+    none). [`eqx_norm.sam_step`][] calls it; a training loop written by hand calls
+    it to know where to evaluate the gradient it passes to `update`.
+
+    **Arguments:**
+
+    - `opt_state`: the optimizer's state.
+    - `params`: the current parameters.
+
+    **Returns:**
+
+    The parameters at which to take the step's one pass.
+    """
+    found = [
+        x.perturbation
+        for x in jax.tree.leaves(opt_state, is_leaf=_is_next)
+        if _is_next(x)
+    ]
+    for perturbation in found:
+        params = perturb(params, perturbation)
+    return params
 
 
 def perturb(params: optax.Params, perturbation: optax.Updates) -> optax.Params:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from ._checks import positive_int
-from ._perturb import StepGradient, perturb
+from ._perturb import StepGradient, pass_point, perturb
 from ._state import copy_state
 
 _PERTURBATIONS = ("whole-batch", "per-micro-batch")
@@ -85,7 +85,10 @@ def sam_step(
     plain step would. Any other Optax optimizer ignores `grad_fn`, so the step is
     the ordinary one-pass step, and one training loop serves both. The options
     below say where the gradients come from; the optimizer says how it perturbs;
-    neither inspects the other.
+    neither inspects the other. An optimizer that knows the point of its one
+    gradient before the step (one with an [`eqx_norm.NextPerturbation`][] in its
+    state, such as Momentum-SAM) gets its single pass taken there, the parameters it
+    updates staying unperturbed.
 
     ```python
     def loss_fn(model, state, x, y):
@@ -205,11 +208,12 @@ def sam_step(
             _check_output(out, has_aux)
             return out
 
+        at = pass_point(opt_state, params)  # `params`, but for one-pass optimizers
         if micro_batches == 1:
-            first = _whole_batch(loss_and_rest, params, state, batch)
+            first = _whole_batch(loss_and_rest, at, state, batch)
         else:
             first = _in_micro_batches(
-                loss_and_rest, params, state, batch, micro_batches, has_aux
+                loss_and_rest, at, state, batch, micro_batches, has_aux
             )
         updates, opt_state = optimizer.update(
             mean(first.grads),

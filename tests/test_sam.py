@@ -1,4 +1,4 @@
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import equinox as eqx
 import jax
@@ -516,3 +516,56 @@ def test_a_user_written_variant_on_the_contract(getkey):
     )
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
         np.testing.assert_array_equal(a, b)
+
+
+class _FixedPointState(NamedTuple):
+    next: eqx_norm.NextPerturbation
+    base_state: optax.OptState
+
+
+def test_one_pass_at_a_declared_point(getkey):
+    """An optimizer that declares its next pass's point in its state (as
+    Momentum-SAM does) gets exactly one forward and backward pass, taken there: the
+    loss, gradient and BatchNorm state are those at `params + e`, while the
+    parameters returned are `params` updated by that gradient."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    e = jax.tree.map(lambda p: 0.05 * jnp.ones_like(p), params)
+    base = optax.sgd(0.1)
+
+    def init_fn(params):
+        return _FixedPointState(eqx_norm.NextPerturbation(e), base.init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        updates, base_state = base.update(updates, state.base_state, params)
+        return updates, _FixedPointState(state.next, base_state)
+
+    opt = optax.chain(
+        optax.identity(), optax.GradientTransformation(init_fn, update_fn)
+    )
+    x, y = _data(getkey())
+    passes = []
+
+    def counted(*args):
+        passes.append(1)
+        return loss_fn(*args)
+
+    step = eqx_norm.sam_step(counted, opt)
+    new_model, new_state, _, loss = eqx.filter_jit(step)(
+        model, clone(state), opt.init(params), x, y
+    )
+    assert len(passes) == 1
+    at = eqx.combine(eqx_norm.pass_point(opt.init(params), params), static)
+    expected_loss, expected_state = loss_fn(at, clone(state), x, y)
+    g = jax.grad(lambda p: loss_fn(eqx.combine(p, static), clone(state), x, y)[0])(
+        eqx.filter(at, eqx.is_inexact_array)
+    )
+    expected = jax.tree.map(lambda w, g: w - 0.1 * g, params, g)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(expected_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
