@@ -1,6 +1,7 @@
 import functools
 import math
 from collections.abc import Hashable, Sequence
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -13,6 +14,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
 from ._checks import real_statistic, step_count
 from ._kernels import affine, expand, local_sums, masked_sums
+from ._state import Recording
 
 
 def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
@@ -328,6 +330,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """This layer's running statistics, checked to be those of `input_size`
         channels: a state of another layer would otherwise broadcast silently."""
         running = state.get(self.state_index)
+        if isinstance(running, Recording):  # in a recording pass
+            running = running.running
         for name, array in (("mean", running.mean), ("var", running.var)):
             if array.shape != (self.input_size,):
                 raise ValueError(
@@ -405,10 +409,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if mask is not None:
             mask = self._check_mask(mask, x, axis)
         if self.virtual_batch_size is None:
-            mean, var, new_running = self._train(x, axis, running, mask)
+            mean, var, new, batch = self._train(x, axis, running, mask)
         else:
-            mean, var, new_running = self._train_ghost(x, axis, running, mask)
-        state = state.set(self.state_index, new_running)
+            mean, var, new, batch = self._train_ghost(x, axis, running, mask)
+        if isinstance(state.get(self.state_index), Recording):
+            # A recording pass (see `Recording`): its output is this batch's
+            # statistics, and the running statistics stay as they are.
+            index = cast(eqx.nn.StateIndex[Recording], self.state_index)
+            n = jnp.asarray(batch.n, jnp.int32)
+            state = state.set(index, Recording(running, batch._replace(n=n)))
+        else:
+            state = state.set(self.state_index, new)
         return self._normalise(x, axis, mean, var), state
 
     def _check_input(self, x: Array) -> int:
@@ -460,19 +471,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return jnp.expand_dims(mask, axis)
 
     def _train(self, x, axis, running, mask):
-        """The normalising statistics of this batch and the new running statistics."""
+        """The normalising statistics of this batch, the new running statistics, and
+        the batch statistics that they were updated from."""
         moments, n = self._gather(x, axis, running, mask, groups=None)
         batch = _batch_stats(moments, n)
         if mask is None:
             mean, var, new = self.approach.train(
                 batch, running, self.momentum, self.eps
             )
-            return mean, var, _guarded(batch, new, running)
+            return mean, var, _guarded(batch, new, running), batch
         enough = self._enough(n)
         batch = batch._replace(n=jnp.where(enough, n, 2))
         mean, var, new = self.approach.train(batch, running, self.momentum, self.eps)
         mean, var = self._or_inference(enough, mean, var, running)
-        return mean, var, _where(enough, _guarded(batch, new, running), running)
+        new = _where(enough, _guarded(batch, new, running), running)
+        return mean, var, new, batch
 
     def _train_ghost(self, x, axis, running, mask):
         """As `_train`, for ghost batches: the statistics of this example's group,
@@ -514,9 +527,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         _, _, new = self.approach.train(over_groups, running, self.momentum, self.eps)
         new = _guarded(over_groups, new, running)
         if mask is None:
-            return mean, var, new
+            return mean, var, new, over_groups
         mean, var = self._or_inference(enough[own], mean, var, running)
-        return mean, var, _where(trained > 0, new, running)
+        return mean, var, _where(trained > 0, new, running), over_groups
 
     def _enough(self, n) -> Array:
         """Whether a masked batch (or group) of `n` values per channel can train."""

@@ -1,5 +1,9 @@
-"""One training-mode forward pass that reports every BatchNorm layer's batch
-statistics: what [`eqx_norm.recalibrate`][] and [`eqx_norm.diagnose`][] measure."""
+"""One training-mode forward pass whose output is every BatchNorm layer's batch
+statistics: what [`eqx_norm.recalibrate`][] and [`eqx_norm.diagnose`][] measure.
+
+The statistics travel in the state, as everything a layer computes does: each
+layer's entry is made a `Recording` (see `_state.py`), the model runs, and
+the layer writes its batch statistics into the entry of the state it returns."""
 
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -7,52 +11,37 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
 from ._approaches import Approach, BatchStats
-from ._batch_norm import BatchNorm, OneValuePerChannelError
-from ._state import copy_state
+from ._batch_norm import OneValuePerChannelError
+from ._state import Recording, copy_state
 from ._walk import batch_norms, is_batch_norm
-
-# The recordings in progress, innermost last: while a recording forward pass is
-# traced, each `_Report` puts its layer's batch statistics into the last one.
-_RECORDINGS: list[dict[int, BatchStats]] = []
-
-
-class _Report(Approach):
-    """Normalises exactly as `inner` does, and reports the batch statistics it was
-    given, as those of layer number `index`, to the recording in progress."""
-
-    inner: Approach = eqx.field(static=True)
-    index: int = eqx.field(static=True)
-
-    @property
-    def needs_batch_variance(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.inner.needs_batch_variance
-
-    def train(self, batch, running, momentum, eps):
-        _RECORDINGS[-1][self.index] = batch
-        return self.inner.train(batch, running, momentum, eps)
-
-    def infer(self, running, momentum):
-        return self.inner.infer(running, momentum)
 
 
 def _names(axis_name: Hashable | Sequence[Hashable]) -> tuple[Hashable, ...]:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
+def _is_state(x: Any) -> bool:
+    return isinstance(x, eqx.nn.State)
+
+
 @eqx.filter_jit
-def _forward(model, state, x, names):
+def _forward(model, state, x, names, indices, tool):
     def call(xi, state):
-        _RECORDINGS.append({})
-        try:
-            model(xi, copy_state(state))
-        finally:
-            recorded = _RECORDINGS.pop()
-        return {i: (b.mean, b.var, jnp.asarray(b.n)) for i, b in recorded.items()}
+        outputs = model(xi, state)
+        leaves = jax.tree.leaves(outputs, is_leaf=_is_state)
+        states = [leaf for leaf in leaves if _is_state(leaf)]
+        if len(states) != 1:
+            raise ValueError(
+                f"`{tool}` calls the model as `model(x, state)` and reads the new "
+                f"state among its outputs, but it returned {len(states)} "
+                "`eqx.nn.State` objects. Pass a model that returns its new state, "
+                "e.g. `(y, state)`."
+            )
+        return [states[0].get(index).batch for index in indices]
 
     # One vmap per axis name, the outer ones of size 1: every layer reduces over
     # all of them, as it would under the user's own vmap or shard_map.
@@ -60,6 +49,22 @@ def _forward(model, state, x, names):
     for name in reversed(names[:-1]):
         f = jax.vmap(f, in_axes=(0, None), out_axes=None, axis_name=name)
     return f(x.reshape((1,) * (len(names) - 1) + x.shape), state)
+
+
+def _recording(state: eqx.nn.State, indices: list[eqx.nn.StateIndex]) -> eqx.nn.State:
+    """A copy of `state` whose entries at `indices` are `Recording`s of nothing yet."""
+
+    def empty(running):
+        mean = jnp.zeros_like(running.mean)
+        return Recording(running, BatchStats(mean, mean, jnp.array(-1, jnp.int32)))
+
+    entries = [state.get(index) for index in indices]
+    return eqx.tree_at(
+        lambda s: [s.get(index) for index in indices],
+        copy_state(state),
+        [empty(running) for running in entries],
+        is_leaf=lambda x: any(x is e for e in entries),
+    )
 
 
 def record_batch_statistics(
@@ -80,17 +85,19 @@ def record_batch_statistics(
             f"{sorted(names, key=str)}. Build the model with one `axis_name` for "
             "every BatchNorm layer."
         )
-    index = {id(bn): i for i, (_, bn) in enumerate(layers)}
-
-    def report(x):
-        if not isinstance(x, BatchNorm):
-            return x
-        return x.with_approach(_Report(inner or x.approach, index[id(x)]))
-
-    recording = jtu.tree_map(report, model, is_leaf=is_batch_norm)
-    recording = eqx.nn.inference_mode(recording, False)
+    # One entry per state index: a layer called twice records its last call.
+    indices = list({bn.state_index.marker: bn.state_index for _, bn in layers}.values())
+    if inner is not None:
+        model = jax.tree.map(
+            lambda x: x.with_approach(inner) if is_batch_norm(x) else x,
+            model,
+            is_leaf=is_batch_norm,
+        )
+    model = eqx.nn.inference_mode(model, False)
     try:
-        recorded = _forward(recording, copy_state(state), x, names.pop())
+        recorded = _forward(
+            model, _recording(state, indices), x, names.pop(), indices, tool
+        )
     except OneValuePerChannelError:
         needs = (
             "normalises every batch with its own statistics, which"
@@ -102,14 +109,15 @@ def record_batch_statistics(
             "BatchNorm layer got one (batch size 1 and no spatial axes). Pass "
             "batches of at least 2 examples."
         ) from None
+    by_marker = {index.marker: stats for index, stats in zip(indices, recorded)}
     out: list[BatchStats | None] = []
-    for i, (path, _) in enumerate(layers):
-        if i not in recorded:
+    for path, bn in layers:
+        mean, var, n = by_marker[bn.state_index.marker]
+        if int(n) < 0:
             raise ValueError(
                 f"`{tool}`: the BatchNorm layer at {path!r} was not called when the "
                 "model ran on the batch, so it has no statistics to measure."
             )
-        mean, var, n = recorded[i]
         finite = np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
         out.append(BatchStats(mean, var, int(n)) if finite else None)
     return out

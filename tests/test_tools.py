@@ -245,6 +245,55 @@ def test_diagnose_flags_non_finite_statistics(getkey):
     assert report[1].nonfinite_channels.tolist() == [1]
 
 
+class _SkipsSecond(eqx.Module):
+    """Two BatchNorm layers, of which only the first is called."""
+
+    first: eqx_norm.BatchNorm
+    second: eqx_norm.BatchNorm
+
+    def __init__(self):
+        self.first = eqx_norm.BatchNorm(4, "batch")
+        self.second = eqx_norm.BatchNorm(4, "batch")
+
+    def __call__(self, x, state):
+        return self.first(x, state)
+
+
+def test_tools_name_a_layer_the_model_does_not_call(getkey):
+    """The batch statistics come back in the state the model returns; a layer that
+    was not called has none, and the tools say which."""
+    model, state = eqx.nn.make_with_state(_SkipsSecond)()
+    x = _data(getkey(), n=8)
+    with pytest.raises(ValueError, match=r"layer at '.second' was not called"):
+        eqx_norm.diagnose(model, state, x)
+    with pytest.raises(ValueError, match=r"layer at '.second' was not called"):
+        eqx_norm.recalibrate(model, state, [x])
+
+
+class _OutputOnly(eqx.Module):
+    model: MLP
+
+    def __call__(self, x, state):
+        return self.model(x, state)[0]
+
+
+def test_tools_need_the_model_to_return_its_state(getkey):
+    model, state = eqx.nn.make_with_state(MLP)()
+    with pytest.raises(ValueError, match=r"`diagnose`.*returned 0 `eqx.nn.State`"):
+        eqx_norm.diagnose(_OutputOnly(model), state, _data(getkey()))
+
+
+def test_diagnose_of_a_frozen_model_works_with_one_example(getkey):
+    """A recording pass keeps each layer's own approach, so a frozen model (which
+    needs no batch variance) can be diagnosed on a single example."""
+    model, state = eqx.nn.make_with_state(MLP)()
+    state = _train(model, state, getkey())
+    frozen = eqx_norm.freeze(model)
+    report = eqx_norm.diagnose(frozen, state, _data(getkey(), n=1))
+    assert [d.approach for d in report.layers] == ["Frozen", "Frozen"]
+    np.testing.assert_allclose(report[0].gap, 0, atol=1e-6)
+
+
 def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
     model, state = eqx.nn.make_with_state(MLP)()
     state = _train(model, state, getkey())
