@@ -515,17 +515,6 @@ def test_sam_accepts_numpy_jax_scalars_and_schedules():
         eqx_norm.sam(optax.sgd(0.1), rho=rho)
 
 
-def test_per_device_perturbation_with_a_plain_optimizer_is_refused():
-    model, state, _, _, x, y = _sam_step_setup()
-    opt = optax.sgd(0.1)
-    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    step = eqx_norm.sam_step(
-        mse_loss, opt, axis_name="data", per_device_perturbation=True
-    )
-    with pytest.raises(ValueError, match="needs an optimizer that perturbs"):
-        eqx.filter_jit(step)(model, state, opt_state, x, y)
-
-
 def test_per_device_perturbation_without_axis_name_is_refused():
     with pytest.raises(ValueError, match="needs the data axis"):
         eqx_norm.sam_step(mse_loss, optax.sgd(0.1), per_device_perturbation=True)
@@ -693,7 +682,7 @@ def test_load_dataset_images_of_the_wrong_rank(tmp_path):
         ({"batch_size": 1}, "`batch_size` must be at least 2"),
         ({"steps": 0}, "`steps` must be at least 1"),
         ({"seeds": 0}, "`seeds` must be at least 1"),
-        ({"approaches": ("bach",)}, "Unknown approach 'bach'"),
+        ({"approaches": ("bach",)}, "unknown approach 'bach'"),
         ({"approaches": ()}, "`approaches` is empty"),
         ({"dataset": "cifar"}, "`dataset` must be one of"),
     ],
@@ -715,7 +704,7 @@ def test_checkpoint_compares_approaches_by_value(tmp_path):
     eqx_norm.save(path, model, state)
     same = eqx.nn.make_with_state(MLP)(eqx_norm.Renorm(r_max=3))
     _assert_same(eqx_norm.load(path, *same), _leaves((model, state)))
-    with pytest.raises(ValueError, match=r"approach='Renorm\(\)'.*'Renorm\(r_max=4"):
+    with pytest.raises(ValueError, match=r'approach "renorm".*eqx_norm\.Renorm\(r_max=4'):
         eqx_norm.load(path, *eqx.nn.make_with_state(MLP)(eqx_norm.Renorm(r_max=4)))
     header, rest = path.read_bytes().split(b"\n", 1)
     old = json.loads(header)
