@@ -39,3 +39,11 @@ def _strict_dtype_promotion(request):
 def getkey():
     keys = iter(jax.random.split(jax.random.key(5678), 1000))
     return lambda: next(keys)
+
+
+def pytest_collection_modifyitems(items):
+    # The notebook (run by nbmake) is an end-to-end run of the experiment: it
+    # belongs to the slow tier with the other end-to-end commands.
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

@@ -125,6 +125,7 @@ def test_bundled_digits_are_a_stratified_disjoint_split():
     assert len(set(y[:100])) == 10
 
 
+@pytest.mark.slow  # a subprocess
 def test_bundled_digits_rebuild_byte_for_byte(tmp_path):
     """The shipped files are exactly what scripts/make_digits.py makes from
     OpenCV's digits.png, where that image is at hand."""

@@ -360,6 +360,7 @@ def test_uneven_batch_is_a_clear_error():
         eqx_norm.shard_batch(jnp.ones((64, 3)), m, axis="model")
 
 
+@pytest.mark.slow  # a subprocess
 def test_multi_device_example_trains(tmp_path):
     """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
     script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"

@@ -43,6 +43,7 @@ def _python_blocks(page: Path) -> list[str]:
     return [textwrap.dedent(b) for b in blocks]
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.adam
 @pytest.mark.parametrize(
     "page", [p for p in PAGES if _python_blocks(p)], ids=lambda p: p.stem

@@ -248,6 +248,7 @@ def test_strict_fold_refuses_to_leave_a_batch_norm(getkey):
         eqx_norm.fold(model, state, strict=True)
 
 
+@pytest.mark.slow  # a subprocess
 def test_folded_model_serialises_and_runs_without_eqx_norm(getkey, tmp_path):
     model, state = eqx.nn.make_with_state(_cnn)(getkey())
     state = _trained(model, state, getkey(), (8, 3, 6, 6))

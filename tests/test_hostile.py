@@ -716,6 +716,7 @@ def test_checkpoint_compares_approaches_by_value(tmp_path):
     _assert_same(eqx_norm.load(path, *like), _leaves((model, state)))
 
 
+@pytest.mark.slow  # a subprocess
 def test_imports_from_a_source_tree_that_is_not_installed():
     """`import eqx_norm` from a checkout on `PYTHONPATH` (no package metadata, as on
     a machine where nothing can be installed) works, with an unknown version."""
@@ -743,6 +744,7 @@ def test_imports_from_a_source_tree_that_is_not_installed():
     assert out.stdout.split() == ["unknown", "BatchNorm"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_string_numbers_are_refused_without_the_type_checker():
     """The suite runs with jaxtyping's runtime type checks, which would refuse a
     string where a number goes before the package's own checks ran; a user has no
