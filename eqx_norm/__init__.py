@@ -26,6 +26,7 @@ from ._diagnose import (
 from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
 from ._looksam import LookSAMState as LookSAMState, looksam as looksam
+from ._masks import normalisation_mask as normalisation_mask
 from ._perturb import (
     NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
@@ -76,6 +77,7 @@ __all__ = [
     "from_equinox",
     "load",
     "looksam",
+    "normalisation_mask",
     "pass_point",
     "perturbed_gradient",
     "recalibrate",

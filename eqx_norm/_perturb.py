@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Perturbation: TypeAlias = Callable[[optax.Updates, optax.Params], optax.Updates]
@@ -187,7 +188,7 @@ def sam_rule(rho: Any, adaptive: Any, eta: Any, mask: Any) -> Perturbation:
     0 elsewhere and where $g = 0$; $T = 1$ (SAM) or $|w| + \eta$ (ASAM)."""
 
     def rule(grads: optax.Updates, params: optax.Params) -> optax.Updates:
-        chosen = mask(params) if callable(mask) else mask
+        chosen = mask(params) if _is_mask_function(mask) else mask
         if chosen is not None:
             grads = jax.tree.map(
                 lambda m, sub: jax.tree.map(
@@ -210,3 +211,18 @@ def sam_rule(rho: Any, adaptive: Any, eta: Any, mask: Any) -> Perturbation:
         return jax.tree.map(lambda t, tg: scale * t.astype(jnp.float32) * tg, t, tg)
 
     return rule
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_)) or (
+        hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.bool_)
+    )
+
+
+def _is_mask_function(mask: Any) -> bool:
+    """Whether `mask` is a function of the parameters rather than a tree of bools.
+    An Equinox module is callable, so a mask made from a filtered model (an
+    `eqx.nn.Sequential` of bools, say) would otherwise be called on the
+    parameters: a tree whose leaves are all bools is a tree."""
+    leaves = jax.tree.leaves(mask)
+    return callable(mask) and not (leaves and all(map(_is_bool, leaves)))
