@@ -1,5 +1,4 @@
 import functools
-import math
 from collections.abc import Hashable, Sequence
 from typing import cast
 
@@ -11,52 +10,27 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._approaches import APPROACHES, Approach, BatchStats, RunningStats, as_approach
-from ._checks import real_statistic, step_count
-from ._kernels import affine, expand, local_sums, masked_sums
+from ._approaches import APPROACHES, Approach, RunningStats, as_approach
+from ._checks import (
+    as_int,
+    channel_axis_of,
+    count_of,
+    floating_dtype,
+    momentum as checked_momentum,
+    non_negative,
+    positive_int,
+    real_scalar,
+    real_statistic,
+    step_count,
+)
+from ._groups import Groups, checked_mask, statistics
+from ._kernels import affine
 from ._state import Recording
-
-
-def _axis_size(axis_name: Hashable | Sequence[Hashable]) -> int:
-    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-    size = 1
-    for name in names:
-        try:
-            size *= lax.axis_size(name)
-        except NameError:
-            raise NameError(
-                f"`eqx_norm.BatchNorm(axis_name={axis_name!r})` found no mapped axis "
-                f"named {name!r}. Call the model inside `jax.vmap(..., axis_name="
-                f"{name!r})` (or `shard_map` over a mesh axis of that name), e.g. "
-                "`jax.vmap(model, in_axes=(0, None), out_axes=(0, None), "
-                f"axis_name={name!r})(x, state)`."
-            ) from None
-    return size
 
 
 class OneValuePerChannelError(ValueError):
     """A training batch with one value per channel, in an approach that needs a
     batch variance (raised at trace time)."""
-
-
-def _int(name: str, value, example: str) -> int:
-    """`value` as a Python int, or a `TypeError` naming the argument."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got {value!r}; e.g. {example}.")
-    return int(value)
-
-
-def _real_scalar(name: str, value) -> float:
-    """`value` as a Python float, or a `TypeError` naming the argument."""
-    try:
-        if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_, str, bytes)):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`{name}` must be a real number, got {value!r} of type "
-            f"{type(value).__name__}."
-        ) from None
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -191,56 +165,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
         unknown `approach`, `momentum` outside [0, 1) or a negative `eps`; a
         `TypeError` for a `channel_axis` or `virtual_batch_size` that is not an int.
         """
-        if not isinstance(input_size, (int, np.integer)) or isinstance(
-            input_size, bool
-        ):
-            raise TypeError(
-                f"`input_size` must be a positive int (the number of channels), got "
-                f"{input_size!r}."
-            )
-        if input_size < 1:
-            raise ValueError(
-                f"`input_size` must be a positive int (the number of channels), got "
-                f"{input_size!r}."
-            )
-        input_size = int(input_size)
-        channel_axis = _int("channel_axis", channel_axis, "`channel_axis=-1`")
+        input_size = count_of(
+            "input_size", input_size, "the number of channels", "input_size=64"
+        )
+        channel_axis = as_int("channel_axis", channel_axis, "channel_axis=-1")
         if virtual_batch_size is not None:
-            virtual_batch_size = _int(
-                "virtual_batch_size", virtual_batch_size, "`virtual_batch_size=32`"
+            virtual_batch_size = positive_int(
+                "virtual_batch_size", virtual_batch_size, "virtual_batch_size=32"
             )
-            if virtual_batch_size < 1:
-                raise ValueError(
-                    "`virtual_batch_size` must be a positive number of examples, or "
-                    f"None; got {virtual_batch_size}."
-                )
         self.approach = as_approach(approach)
         if dtype is None:
             dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-        dtype = jnp.dtype(dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"`dtype` must be a floating dtype, got {dtype}; e.g. "
-                "`dtype=jnp.float32` (or `jnp.bfloat16` for the weight and bias)."
-            )
+        dtype = floating_dtype("dtype", dtype, "dtype=jnp.float32")
         stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-        momentum = _real_scalar("momentum", momentum)
-        if not 0 <= momentum < 1:
-            raise ValueError(
-                f"`momentum` must be in [0, 1), got {momentum}. It is the weight of "
-                "the old value: PyTorch's `momentum=0.1` is `momentum=0.9` here."
-            )
-        if not np.asarray(momentum, stats_dtype) < 1:
-            raise ValueError(
-                f"`momentum={momentum!r}` rounds to 1 in the statistics' dtype "
-                f"{stats_dtype}, which would divide by zero in the running statistics; "
-                f"use a momentum below {float(np.nextafter(stats_dtype.type(1), 0))}."
-            )
-        eps = _real_scalar("eps", eps)
-        if not (eps >= 0 and math.isfinite(eps)):
-            raise ValueError(
-                f"`eps` must be finite and at least 0, got {eps}; e.g. `eps=1e-5`."
-            )
+        momentum = checked_momentum(momentum, stats_dtype)
+        eps = real_scalar("eps", eps)
+        non_negative("eps", eps, "1e-5", schedule=False)
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype)
             self.bias = jnp.zeros((input_size,), dtype)
@@ -401,17 +341,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `NameError` if no enclosing `vmap`/`shard_map` has the `axis_name`.
         """
         del key
-        axis = self._check_input(x)
+        axis = channel_axis_of(x, self.input_size, self.channel_axis)
         running = self._running(state)
         if self.inference if inference is None else inference:
             mean, var = self.approach.infer(running, self.momentum)
             return self._normalise(x, axis, mean, var), state
         if mask is not None:
-            mask = self._check_mask(mask, x, axis)
-        if self.virtual_batch_size is None:
-            mean, var, new, batch = self._train(x, axis, running, mask)
-        else:
-            mean, var, new, batch = self._train_ghost(x, axis, running, mask)
+            mask = checked_mask(mask, x, axis)
+        mean, var, new, batch = self._train(x, axis, running, mask)
         if isinstance(state.get(self.state_index), Recording):
             # A recording pass (see `Recording`): its output is this batch's
             # statistics, and the running statistics stay as they are.
@@ -422,172 +359,47 @@ class BatchNorm(eqx.nn.StatefulLayer):
             state = state.set(self.state_index, new)
         return self._normalise(x, axis, mean, var), state
 
-    def _check_input(self, x: Array) -> int:
-        """The channel axis of `x` as a non-negative int, once `x` is checked."""
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"`eqx_norm.BatchNorm` got an input of dtype {x.dtype}; it normalises "
-                "floating-point input only (an integer output would truncate the "
-                "normalised values). Cast it first, e.g. `x.astype(jnp.float32)`, or "
-                "`x / 255.0` for uint8 images."
-            )
-        if not -x.ndim <= self.channel_axis < x.ndim:
-            raise ValueError(
-                f"`eqx_norm.BatchNorm(input_size={self.input_size}, channel_axis="
-                f"{self.channel_axis})` got an example of shape {tuple(x.shape)}, "
-                "which has no axis "
-                f"{self.channel_axis}. Pass one example (vmap the layer over the "
-                "batch axis), or set `channel_axis` to the axis of the channels."
-            )
-        axis = self.channel_axis % x.ndim
-        if x.shape[axis] != self.input_size:
-            raise ValueError(
-                f"`eqx_norm.BatchNorm(input_size={self.input_size}, channel_axis="
-                f"{self.channel_axis})` got an example of shape {tuple(x.shape)}, "
-                f"whose axis {axis} has {x.shape[axis]} values, not {self.input_size}."
-                " Check `input_size` and `channel_axis`, or vmap the layer over the "
-                "batch axis."
-            )
-        return axis
-
-    def _check_mask(self, mask: ArrayLike, x: Array, axis: int) -> Array:
-        """`mask` broadcast to `x`'s shape with 1 on the channel axis."""
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"`mask` must be a boolean array, got dtype {mask.dtype}; e.g. "
-                "`mask=lengths > jnp.arange(time)`, or `mask.astype(bool)`."
-            )
-        shape = x.shape[:axis] + x.shape[axis + 1 :]
-        try:
-            mask = jnp.broadcast_to(mask, shape)
-        except ValueError:
-            raise ValueError(
-                f"`mask` of shape {tuple(mask.shape)} does not broadcast to {shape}, "
-                f"the example's shape {tuple(x.shape)} without its channel axis "
-                f"{axis}. Give one boolean per value of a channel, e.g. shape "
-                f"{shape}, or `()` for the whole example."
-            ) from None
-        return jnp.expand_dims(mask, axis)
-
     def _train(self, x, axis, running, mask):
-        """The normalising statistics of this batch, the new running statistics, and
-        the batch statistics that they were updated from."""
-        moments, n = self._gather(x, axis, running, mask, groups=None)
-        batch = _batch_stats(moments, n)
-        if mask is None:
-            mean, var, new = self.approach.train(
-                batch, running, self.momentum, self.eps
-            )
-            return mean, var, _guarded(batch, new, running), batch
-        enough = self._enough(n)
-        batch = batch._replace(n=jnp.where(enough, n, 2))
-        mean, var, new = self.approach.train(batch, running, self.momentum, self.eps)
-        mean, var = self._or_inference(enough, mean, var, running)
-        new = _where(enough, _guarded(batch, new, running), running)
-        return mean, var, new, batch
-
-    def _train_ghost(self, x, axis, running, mask):
-        """As `_train`, for ghost batches: the statistics of this example's group,
-        and the running statistics updated once from the mean over groups."""
-        vbs = self.virtual_batch_size
-        assert vbs is not None
-        size = _axis_size(self.axis_name)
-        if size % vbs:
-            raise ValueError(
-                f"`eqx_norm.BatchNorm(virtual_batch_size={vbs})` got a batch of "
-                f"{size} examples along {self.axis_name!r}, which does not split "
-                "into groups of that size. Use a batch size that is a multiple of "
-                "`virtual_batch_size`, or another `virtual_batch_size`."
-            )
-        moments, n = self._gather(x, axis, running, mask, groups=size // vbs)
-        groups = _batch_stats(moments, n)  # every group's, stacked on axis 0
-        if mask is None:
-            enough = jnp.ones(groups.mean.shape[:1], bool)
-        else:
-            enough = self._enough(n)
-            groups = groups._replace(n=jnp.where(enough, n, 2))
-        # This example's group is normalised with its own statistics...
-        own = _axis_index(self.axis_name) // vbs
-        n_own = groups.n if mask is None else jnp.asarray(groups.n)[own]
-        batch = BatchStats(groups.mean[own], groups.var[own], n_own)
-        mean, var, _ = self.approach.train(batch, running, self.momentum, self.eps)
-        # ... and the running statistics are updated once, from the mean over the
-        # groups that have enough values.
-        trained = jnp.sum(enough)
-        dtype = groups.mean.dtype
-        weight = enough.astype(dtype) / jnp.maximum(trained, 1).astype(dtype)
-        over_groups = BatchStats(
-            mean=weight @ groups.mean,
-            var=weight @ groups.var,
-            n=groups.n
-            if mask is None
-            else jnp.sum(jnp.where(enough, groups.n, 0)) // jnp.maximum(trained, 1),
-        )
-        _, _, new = self.approach.train(over_groups, running, self.momentum, self.eps)
-        new = _guarded(over_groups, new, running)
-        if mask is None:
-            return mean, var, new, over_groups
-        mean, var = self._or_inference(enough[own], mean, var, running)
-        return mean, var, _where(trained > 0, new, running), over_groups
-
-    def _enough(self, n) -> Array:
-        """Whether a masked batch (or group) of `n` values per channel can train."""
-        return n >= (2 if self.approach.needs_batch_variance else 1)
-
-    def _or_inference(self, enough, mean, var, running):
-        """`(mean, var)`, or where `enough` is false the inference statistics."""
-        infer_mean, infer_var = self.approach.infer(running, self.momentum)
-        return jnp.where(enough, mean, infer_mean), jnp.where(enough, var, infer_var)
-
-    def _gather(self, x, axis, running, mask, groups):
-        """The moments of this batch about a shift, reduced across every named axis
-        in one collective: `(mean, second moment about shift, shift)` per channel,
-        and `n`. With `groups`, those of every group, stacked on a leading axis.
-
-        `n` is a static int without a mask, else an array (of groups, if any).
-        """
-        size = _axis_size(self.axis_name)
-        n = math.prod(x.shape) // self.input_size * size
-        if groups is not None:
-            n //= groups
-        if n == 1 and self.approach.needs_batch_variance:
-            self._one_value_per_channel(groups)
-        dtype = running.mean.dtype
+        """The statistics that normalise this example, the new running statistics,
+        and the batch statistics that they were updated from."""
+        groups = Groups.of(self.axis_name, self.virtual_batch_size)
+        needs_variance = self.approach.needs_batch_variance
+        if needs_variance and groups.values_per_channel(x, axis) == 1:
+            raise self._one_value_per_channel()
         # The second moment is taken about the current inference mean, a constant
         # for the gradient, so that large offsets do not cancel in E[x^2] - E[x]^2.
         shift, _ = self.approach.infer(running, self.momentum)
         shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-        if mask is None and groups is None:
-            # Two independent psums, which XLA combines into one all-reduce.
-            first, second = lax.psum(local_sums(x, shift, axis, dtype), self.axis_name)
-            return (first / n, second / n, shift), n
-        if mask is None:
-            first, second = local_sums(x, shift, axis, dtype)
-            per_example = math.prod(x.shape) // self.input_size
-            sums = (first, second, jnp.asarray(per_example, dtype))
-        else:
-            sums = masked_sums(x, shift, mask, axis, dtype)
-        if groups is not None:
-            # Each example adds its sums into its group's row: still one psum.
-            own = _axis_index(self.axis_name) // (size // groups)
-            row = jnp.arange(groups, dtype=own.dtype) == own
-            sums = tuple(jnp.where(expand(row, s.ndim + 1, 0), s, 0) for s in sums)
-        first, second, count = lax.psum(sums, self.axis_name)
-        safe = jnp.maximum(count, 1)
-        moments = (_over(first, safe), _over(second, safe), shift)
-        # Without a mask `n` is static.
-        return moments, n if mask is None else count.astype(jnp.int32)
+        least = 2 if needs_variance else 1
+        stats = statistics(
+            groups, x, axis, shift, mask, least=least, dtype=running.mean.dtype
+        )
+        m, eps = self.momentum, self.eps
+        mean, var, new = self.approach.train(stats.own, running, m, eps)
+        if self.virtual_batch_size is not None:
+            # Ghost batches: the running statistics are updated once, from the mean
+            # over the ghost batches.
+            _, _, new = self.approach.train(stats.update, running, m, eps)
+        new = _guarded(stats.update, new, running)
+        if stats.enough is not None:
+            # A mask: a group with too few values is normalised as inference would
+            # normalise it, and an update from too few leaves the state as it is.
+            own_enough, update_enough = stats.enough
+            infer_mean, infer_var = self.approach.infer(running, m)
+            mean = jnp.where(own_enough, mean, infer_mean)
+            var = jnp.where(own_enough, var, infer_var)
+            new = _where(update_enough, new, running)
+        return mean, var, new, stats.update
 
-    def _one_value_per_channel(self, groups):
+    def _one_value_per_channel(self) -> OneValuePerChannelError:
         works = [k for k, v in APPROACHES.items() if not v.needs_batch_variance]
         where = (
             "a training batch (batch size 1 and no spatial axes)"
-            if groups is None
+            if self.virtual_batch_size is None
             else f"each ghost batch (`virtual_batch_size={self.virtual_batch_size}` "
             "and no spatial axes)"
         )
-        raise OneValuePerChannelError(
+        return OneValuePerChannelError(
             f"`eqx_norm.BatchNorm(approach={self.approach!r})` got one value per "
             f"channel in {where}, so there is no batch variance. Use `approach=` one "
             f"of {works}, or a larger batch."
@@ -610,25 +422,7 @@ def _where(keep: Array, new: RunningStats, old: RunningStats) -> RunningStats:
     return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
 
 
-def _axis_index(axis_name: Hashable | Sequence[Hashable]) -> Array:
-    """This example's index along the named axes, the last varying fastest."""
-    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
-    return lax.axis_index(names)
-
-
-def _over(total: Array, count: Array) -> Array:
-    """`total / count`, the count broadcast over the trailing channel axis."""
-    return total / count[..., None] if count.ndim else total / count
-
-
-def _batch_stats(moments, n) -> BatchStats:
-    """The batch mean and biased variance from the mean and the second moment
-    about `shift`."""
-    mean, second, shift = moments
-    return BatchStats(mean=mean, var=jnp.maximum(second - (mean - shift) ** 2, 0), n=n)
-
-
-def _guarded(batch: BatchStats, new: RunningStats, old: RunningStats) -> RunningStats:
+def _guarded(batch, new: RunningStats, old: RunningStats) -> RunningStats:
     """`new`, unless this batch's or the new statistics are not finite, or the new
     variance is negative: then `old`, so one bad batch (or an approach, built-in or
     a user's, that overflows) cannot poison inference. XLA fuses the check into one

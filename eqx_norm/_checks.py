@@ -185,3 +185,74 @@ def step_count(name: str, value: Any, *, where: str, example: str) -> jax.Array:
         f"statistics. Pass a count in that range, e.g. `{example}`.",
     )
     return value.astype(jnp.int32)
+
+
+def count_of(name: str, value: Any, what: str, example: str) -> int:
+    """`value` as a positive Python int counting `what`, as `positive_int` takes it;
+    both the `TypeError` and the `ValueError` say what the count is of."""
+    try:
+        return positive_int(name, value, example)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"`{name}` must be a positive int ({what}), got {value!r}; e.g. "
+            f"`{example}`."
+        ) from None
+
+
+def floating_dtype(name: str, dtype: Any, example: str) -> np.dtype:
+    """`dtype` as a floating NumPy dtype, or a `ValueError` naming the argument."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must be a floating dtype, got {dtype}; e.g. `{example}`."
+        )
+    return dtype
+
+
+def momentum(value: Any, dtype: Any) -> float:
+    """`value` as the weight of the old value in a moving average kept in `dtype`:
+    a real scalar in [0, 1) that stays below 1 in `dtype` (at 1 the debiasing would
+    divide by zero). A `TypeError` or `ValueError` naming `momentum` otherwise."""
+    number = real_scalar("momentum", value)
+    if not 0 <= number < 1:
+        raise ValueError(
+            f"`momentum` must be in [0, 1), got {number}. It is the weight of "
+            "the old value: PyTorch's `momentum=0.1` is `momentum=0.9` here."
+        )
+    dtype = np.dtype(dtype)
+    if not np.asarray(number, dtype) < 1:
+        raise ValueError(
+            f"`momentum={number!r}` rounds to 1 in the statistics' dtype {dtype}, "
+            "which would divide by zero in the running statistics; use a momentum "
+            f"below {float(np.nextafter(dtype.type(1), 0))}."
+        )
+    return number
+
+
+def channel_axis_of(x: Any, input_size: int, channel_axis: int) -> int:
+    """The channel axis of the example `x` of a BatchNorm with `input_size` channels
+    on `channel_axis`, as a non-negative int, once `x` is checked: floating-point,
+    with that axis, and `input_size` values on it."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`eqx_norm.BatchNorm` got an input of dtype {x.dtype}; it normalises "
+            "floating-point input only (an integer output would truncate the "
+            "normalised values). Cast it first, e.g. `x.astype(jnp.float32)`, or "
+            "`x / 255.0` for uint8 images."
+        )
+    layer = f"`eqx_norm.BatchNorm(input_size={input_size}, channel_axis="
+    layer += f"{channel_axis})`"
+    if not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(
+            f"{layer} got an example of shape {tuple(x.shape)}, which has no axis "
+            f"{channel_axis}. Pass one example (vmap the layer over the batch axis), "
+            "or set `channel_axis` to the axis of the channels."
+        )
+    axis = channel_axis % x.ndim
+    if x.shape[axis] != input_size:
+        raise ValueError(
+            f"{layer} got an example of shape {tuple(x.shape)}, whose axis {axis} has "
+            f"{x.shape[axis]} values, not {input_size}. Check `input_size` and "
+            "`channel_axis`, or vmap the layer over the batch axis."
+        )
+    return axis

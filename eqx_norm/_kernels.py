@@ -1,8 +1,9 @@
 """How the layer's two passes over the input are written for speed.
 
-The maths of [`eqx_norm.BatchNorm`][] is in `_batch_norm.py`; this module holds only
-the shapes of code that make XLA fuse those passes well, each justified by the
-benchmarks in `benchmarks/` (see their README):
+The maths of [`eqx_norm.BatchNorm`][] is in `_batch_norm.py` (and, for masks and
+ghost batches, `_groups.py`); this module holds only the shapes of code that make
+XLA fuse those passes well, each justified by the benchmarks in `benchmarks/` (see
+their README):
 
 - `local_sums`: the per-example sums of the forward pass, each reduction reading
   the input alone, rematerialised in the backward pass instead of stored, and

@@ -5,7 +5,6 @@ The statistics travel in the state, as everything a layer computes does: each
 layer's entry is made a `Recording` (see `_state.py`), the model runs, and
 the layer writes its batch statistics into the entry of the state it returns."""
 
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -16,12 +15,9 @@ from jaxtyping import PyTree
 
 from ._approaches import Approach, BatchStats
 from ._batch_norm import OneValuePerChannelError
+from ._groups import axis_names
 from ._state import Recording, copy_state
 from ._walk import batch_norms, is_batch_norm
-
-
-def _names(axis_name: Hashable | Sequence[Hashable]) -> tuple[Hashable, ...]:
-    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
 def _is_state(x: Any) -> bool:
@@ -77,7 +73,7 @@ def record_batch_statistics(
     layers see what they would in that mode. The state is not changed.
     """
     layers = batch_norms(model)
-    names = {_names(bn.axis_name) for _, bn in layers}
+    names = {axis_names(bn.axis_name) for _, bn in layers}
     if len(names) != 1:
         raise ValueError(
             f"`{tool}` calls the model under one set of vmapped axes, but its "
