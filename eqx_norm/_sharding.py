@@ -1,12 +1,19 @@
+import hashlib
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
 
 def shard_batch(
-    batch: PyTree, mesh: Mesh, axis: str | tuple[str, ...] = "data"
+    batch: PyTree,
+    mesh: Mesh,
+    axis: str | tuple[str, ...] = "data",
+    *,
+    process_local: bool = False,
 ) -> PyTree:
     """Place a batch on a mesh, split along its leading axis over `axis`, for
     training under `jax.jit` on several devices (XLA's SPMD partitioner then inserts
@@ -19,19 +26,35 @@ def shard_batch(
     model, state = eqx_norm.replicate((model, state), mesh)
     ```
 
+    On several hosts (after `jax.distributed.initialize()`), call it on every
+    process. By default each process passes the whole global batch (the same
+    rows everywhere); with `process_local=True` each process passes only its own
+    rows, and the result is the same global array: with `P` processes and a mesh
+    from `jax.make_mesh`, process `i` (`jax.process_index()`) passes rows
+    `i * n / P` to `(i + 1) * n / P` of the global batch of `n`. The processes
+    then compare their batches' shapes and dtypes in one small all-gather, so
+    that a process with other rows (an uneven last batch) is an error on every
+    process rather than a hang. On one process, `process_local=True` is the
+    global form.
+
     **Arguments:**
 
-    - `batch`: a pytree of arrays with a common leading batch axis.
+    - `batch`: a pytree of arrays with a common leading batch axis: the global
+        batch, or with `process_local=True` this process's rows of it.
     - `mesh`: the device mesh.
     - `axis`: the mesh axis (or axes) to split the batch over.
+    - `process_local`: whether `batch` holds only this process's rows.
 
     **Returns:**
 
-    The batch, placed on the mesh.
+    The global batch, placed on the mesh.
 
     **Raises:**
 
-    A `ValueError` naming the sizes if the batch does not divide evenly.
+    A `ValueError` naming the sizes if the batch does not divide evenly over the
+    devices (with `process_local=True`: if a process's rows do not divide over
+    its own devices, raised on every process), or if the processes pass batches
+    of different shapes or dtypes (raised on every process).
     """
     names: tuple[str, ...] = (axis,) if isinstance(axis, str) else tuple(axis)
     devices = 1
@@ -43,6 +66,8 @@ def shard_batch(
         devices *= mesh.shape[name]
     spec = PartitionSpec(names[0] if len(names) == 1 else names)
     sharding = NamedSharding(mesh, spec)
+    if process_local and not _all_local(mesh):
+        return _from_process_local(batch, sharding, devices, axis)
 
     def place(x: Any):
         size = x.shape[0]
@@ -55,6 +80,60 @@ def shard_batch(
         return jax.device_put(x, sharding)
 
     return jax.tree.map(place, batch)
+
+
+def _all_local(mesh: Mesh) -> bool:
+    """Whether every device of the mesh belongs to this process."""
+    here = jax.process_index()
+    return all(d.process_index == here for d in mesh.devices.flat)
+
+
+def _from_process_local(
+    batch: PyTree, sharding: NamedSharding, devices: int, axis: Any
+) -> PyTree:
+    """The global batch from every process's rows, after checking on every process
+    that the rows of all processes fit."""
+    leaves, treedef = jax.tree.flatten(batch)
+    # How many distinct row blocks this process's devices hold.
+    blocks = sharding.addressable_devices_indices_map((devices,)).values()
+    local = len({index[0].start for index in blocks if index is not None})
+    rows = [np.shape(x)[0] if np.ndim(x) else 0 for x in leaves]
+    bad = [r for r in rows if r == 0 or r % local]
+    signature = repr(
+        (treedef, [(np.shape(x), np.result_type(x).name) for x in leaves])
+    ).encode()
+    digest = np.frombuffer(hashlib.sha256(signature).digest()[:8], np.int32)
+    mine = np.array([bad[0] if bad else rows[0] if rows else 0, not bad, *digest])
+    every = multihost_utils.process_allgather(mine.astype(np.int32))
+    if not every[:, 1].all():
+        p = int(np.argmin(every[:, 1]))
+        r = int(every[p, 0])
+        raise ValueError(
+            f"`shard_batch(..., process_local=True)`: process {p} passes {r} rows, "
+            f"which do not split over its {local} devices on mesh axis {axis!r}; "
+            f"give every process a multiple of {local} rows (a global batch that "
+            f"is a multiple of {devices}), e.g. {(r // local + 1) * local} rows "
+            "each."
+        )
+    if (every[:, [0, 2, 3]] != every[0, [0, 2, 3]]).any():
+        shapes = ", ".join(
+            f"{np.result_type(x).name}{list(np.shape(x))}" for x in leaves
+        )
+        raise ValueError(
+            "`shard_batch(..., process_local=True)`: the processes pass batches "
+            f"of different shapes or dtypes (rows per process: "
+            f"{every[:, 0].tolist()}; process {jax.process_index()} passes "
+            f"{shapes}). Every process must pass the same number of rows with the "
+            "same shapes and dtypes: drop (or pad) an uneven last batch on every "
+            "process alike."
+        )
+    out = [
+        jax.make_array_from_process_local_data(
+            sharding, x, (np.shape(x)[0] // local * devices, *np.shape(x)[1:])
+        )
+        for x in leaves
+    ]
+    return jax.tree.unflatten(treedef, out)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

@@ -361,6 +361,21 @@ def test_uneven_batch_is_a_clear_error():
 
 
 @pytest.mark.slow  # a subprocess
+def test_process_local_rows_on_one_process_are_the_global_batch():
+    """With one process, its rows are the global batch: `process_local=True` places
+    them as the global form does and gives its errors."""
+    m = mesh()
+    x = jnp.arange(48.0).reshape(16, 3)
+    local, whole = (
+        eqx_norm.shard_batch({"x": x}, m, process_local=flag)["x"]
+        for flag in (True, False)
+    )
+    np.testing.assert_array_equal(local, whole)
+    assert local.sharding.is_equivalent_to(whole.sharding, 2)
+    with pytest.raises(ValueError, match="batch of 60 does not split evenly over 8"):
+        eqx_norm.shard_batch(jnp.ones((60, 3)), m, process_local=True)
+
+
 def test_multi_device_example_trains(tmp_path):
     """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
     script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"
