@@ -27,6 +27,7 @@ from ._fold import fold as fold, fold_into as fold_into
 from ._from_equinox import from_equinox as from_equinox
 from ._looksam import LookSAMState as LookSAMState, looksam as looksam
 from ._masks import normalisation_mask as normalisation_mask
+from ._msam import MSAMState as MSAMState, msam as msam
 from ._perturb import (
     NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
@@ -61,6 +62,7 @@ __all__ = [
     "Frozen",
     "LayerDiagnosis",
     "LookSAMState",
+    "MSAMState",
     "NextPerturbation",
     "Perturbation",
     "Renorm",
@@ -77,6 +79,7 @@ __all__ = [
     "from_equinox",
     "load",
     "looksam",
+    "msam",
     "normalisation_mask",
     "pass_point",
     "perturbed_gradient",

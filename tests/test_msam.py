@@ -1,0 +1,305 @@
+from typing import Any, cast
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_norm
+
+from .helpers import Net, clone, mse_loss
+
+# The closed-form loss of tests/test_sam.py: L(w) = sum(c w^2 / 2 + d w^4 / 4).
+SHAPES = {"a": (4, 3), "b": (3,), "c": (2, 2, 2)}
+
+
+def _problem(key):
+    keys = jax.random.split(key, 3 * len(SHAPES))
+    params, c, d = {}, {}, {}
+    for i, (k, s) in enumerate(SHAPES.items()):
+        params[k] = jax.random.normal(keys[3 * i], s)
+        c[k] = 0.5 + jax.random.uniform(keys[3 * i + 1], s)
+        d[k] = jax.random.uniform(keys[3 * i + 2], s)
+    return params, c, d
+
+
+def _grad(params, c, d):
+    return jax.tree.map(lambda w, c, d: c * w + d * w**3, params, c, d)
+
+
+def _f64(tree):
+    return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+def _norm(tree):
+    return np.sqrt(sum(np.sum(v**2) for v in tree.values()))
+
+
+def _authors_sgd_msam(w, c, d, lr, mu, rho, steps):
+    """The authors' `MSAM.step` (optimizer/msam.py, weight decay 0) in float64: the
+    parameters it holds are the perturbed ones, moved back before each SGD step
+    and up again after it. Returns, per step, (unperturbed, perturbed)."""
+    p = dict(w)
+    buf = {k: np.zeros_like(v) for k, v in w.items()}
+    inverse_norm = 0.0
+    history = []
+    for _ in range(steps):
+        g = {k: c[k] * p[k] + d[k] * p[k] ** 3 for k in p}  # at the held point
+        for k in p:
+            p[k] = p[k] + rho * inverse_norm * buf[k]  # back to unperturbed
+            buf[k] = mu * buf[k] + g[k]
+            p[k] = p[k] - lr * buf[k]
+        inverse_norm = 1 / (_norm(buf) + 1e-12)
+        p = {k: p[k] - rho * inverse_norm * buf[k] for k in p}  # ascent
+        history.append(({k: p[k] + rho * inverse_norm * buf[k] for k in p}, dict(p)))
+    return history
+
+
+def _authors_adamw_msam(w, c, d, lr, b1, b2, eps, rho, steps):
+    """The authors' `AdamW_MSAM.step` (optimizer/adamW_msam.py, weight decay 0) in
+    float64, as above."""
+    p = dict(w)
+    m = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    norm_factor = 0.0
+    history = []
+    for t in range(1, steps + 1):
+        g = {k: c[k] * p[k] + d[k] * p[k] ** 3 for k in p}
+        for k in p:
+            p[k] = p[k] + norm_factor * m[k]
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            denom = np.sqrt(v[k]) / np.sqrt(1 - b2**t) + eps
+            p[k] = p[k] - lr / (1 - b1**t) * m[k] / denom
+        norm_factor = rho / (_norm(m) + 1e-12)
+        p = {k: p[k] - norm_factor * m[k] for k in p}
+        history.append(({k: p[k] + norm_factor * m[k] for k in p}, dict(p)))
+    return history
+
+
+def _run(opt, params, c, d, steps):
+    """`steps` updates, each with the gradient at `eqx_norm.pass_point`, as a
+    training loop written by hand does. Returns, per step, (parameters, point of
+    the next pass)."""
+
+    @jax.jit
+    def step(params, state):
+        grads = _grad(eqx_norm.pass_point(state, params), c, d)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return params, state
+
+    state = opt.init(params)
+    history = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        history.append((params, eqx_norm.pass_point(state, params)))
+    return history
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.5])
+def test_against_the_authors_sgd_algorithm(rho, getkey):
+    lr, mu = 0.05, 0.9
+    params, c, d = _problem(getkey())
+    ours = _run(eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=rho), params, c, d, 20)
+    theirs = _authors_sgd_msam(_f64(params), _f64(c), _f64(d), lr, mu, rho, 20)
+    for (w, at), (w64, at64) in zip(ours, theirs):
+        for k in SHAPES:
+            np.testing.assert_allclose(w[k], w64[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(at[k], at64[k], rtol=1e-5, atol=1e-6)
+    # The perturbation has length rho.
+    w, at = ours[-1]
+    e = {k: np.asarray(at[k], np.float64) - np.asarray(w[k], np.float64) for k in w}
+    np.testing.assert_allclose(_norm(e), rho, rtol=1e-4)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_against_the_authors_adamw_algorithm(getkey):
+    lr, b1, b2, eps, rho = 0.01, 0.9, 0.999, 1e-8, 1.0
+    params, c, d = _problem(getkey())
+    opt = eqx_norm.msam(optax.adam(lr, b1=b1, b2=b2, eps=eps), rho=rho)
+    ours = _run(opt, params, c, d, 20)
+    theirs = _authors_adamw_msam(
+        _f64(params), _f64(c), _f64(d), lr, b1, b2, eps, rho, 20
+    )
+    for (w, at), (w64, at64) in zip(ours, theirs):
+        for k in SHAPES:
+            np.testing.assert_allclose(w[k], w64[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(at[k], at64[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rho_schedule_is_evaluated_at_the_step_that_takes_the_gradient(getkey):
+    lr, mu = 0.05, 0.9
+    schedule = optax.linear_schedule(0.5, 0.0, transition_steps=4)
+    params, c, d = _problem(getkey())
+    ours = _run(
+        eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=schedule), params, c, d, 6
+    )
+    w, buf = _f64(params), {k: np.zeros(s) for k, s in SHAPES.items()}
+    c64, d64 = _f64(c), _f64(d)
+    e = {k: np.zeros(s) for k, s in SHAPES.items()}
+    for t in range(6):
+        p = {k: w[k] + e[k] for k in w}
+        buf = {k: mu * buf[k] + c64[k] * p[k] + d64[k] * p[k] ** 3 for k in w}
+        w = {k: w[k] - lr * buf[k] for k in w}
+        rho_next = max(0.5 * (1 - (t + 1) / 4), 0.0)
+        e = {k: -rho_next * buf[k] / (_norm(buf) + 1e-12) for k in w}
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[t][0][k], w[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ours[t][1][k], w[k] + e[k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sam_step
+
+
+def _data(key, n=16):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
+
+
+def test_one_pass_per_step_at_the_perturbed_point(getkey):
+    """Through `sam_step`: one forward and backward pass per step, at `w + e`; the
+    BatchNorm state is that of a plain step at the perturbed point; the parameters
+    returned are the unperturbed ones, updated by SGD with the gradient there; the
+    next perturbation is -rho v / ||v||."""
+    lr, mu, rho = 0.1, 0.9, 0.2
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt = eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=rho)
+    passes = []
+
+    def counted(*args):
+        passes.append(1)
+        return mse_loss(*args)
+
+    step = eqx.filter_jit(eqx_norm.sam_step(counted, opt))
+    plain = eqx.filter_jit(eqx_norm.sam_step(mse_loss, optax.sgd(lr)))
+    grad_at = eqx.filter_jit(
+        lambda p, s, x, y: jax.grad(
+            lambda p: mse_loss(eqx.combine(p, static), s, x, y)[0]
+        )(p)
+    )
+    opt_state = opt.init(params)
+    buf = jax.tree.map(jnp.zeros_like, params)
+    for t in range(3):
+        x, y = _data(getkey())
+        at = eqx.combine(eqx_norm.pass_point(opt_state, params), static)
+        if t == 0:
+            assert eqx.tree_equal(at, model)  # no momentum yet: no perturbation
+        model, new_state, opt_state, loss = step(model, clone(state), opt_state, x, y)
+        assert len(passes) == 1  # traced once, one pass in the program
+
+        _, plain_state, _, plain_loss = plain(
+            at, clone(state), optax.sgd(lr).init(params), x, y
+        )
+        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+
+        g = grad_at(eqx.filter(at, eqx.is_inexact_array), clone(state), x, y)
+        buf = jax.tree.map(lambda b, g: mu * b + g, buf, g)
+        params = jax.tree.map(lambda w, b: w - lr * b, params, buf)
+        for a, b in zip(
+            jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)),
+            jax.tree.leaves(params),
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        e = opt_state.next.perturbation
+        norm = optax.tree.norm(buf)
+        for a, b in zip(jax.tree.leaves(e), jax.tree.leaves(buf)):
+            np.testing.assert_allclose(a, -rho * b / norm, rtol=1e-4, atol=1e-7)
+        state = new_state
+
+
+@pytest.mark.standard_promotion  # optax.adam
+@pytest.mark.parametrize(
+    "base",
+    [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(1e-2)],
+    ids=["sgd", "adam"],
+)
+def test_rho_zero_is_the_base_optimizer_bit_for_bit(base, getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    runs = []
+    for opt in (eqx_norm.msam(base(), rho=0.0), base()):
+        step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
+        trio = (model, clone(state), opt.init(params))
+        keys = iter(jax.random.split(jax.random.key(3), 5))
+        for _ in range(5):
+            *trio, _ = step(*trio, *_data(next(keys)))
+        runs.append(trio[:2])
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.standard_promotion  # optax.inject_hyperparams
+def test_inside_chain_and_inject_hyperparams(getkey):
+    lr, mu = 0.05, 0.9
+    params, c, d = _problem(getkey())
+    plain = _run(eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=0.3), params, c, d, 5)
+    variants = {
+        "chained": optax.chain(
+            optax.identity(), eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=0.3)
+        ),
+        "injected rho": optax.inject_hyperparams(eqx_norm.msam)(
+            base_optimizer=optax.sgd(lr, momentum=mu), rho=0.3
+        ),
+        "injected base": eqx_norm.msam(
+            optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=mu),
+            rho=0.3,
+        ),
+    }
+    for name, opt in variants.items():
+        ours = _run(opt, params, c, d, 5)
+        for k in SHAPES:
+            np.testing.assert_allclose(
+                ours[-1][0][k], plain[-1][0][k], rtol=1e-6, err_msg=name
+            )
+            np.testing.assert_allclose(
+                ours[-1][1][k], plain[-1][1][k], rtol=1e-6, err_msg=name
+            )
+    # An injected rho changed during training takes effect at the next perturbation.
+    opt = variants["injected rho"]
+    state = cast(Any, opt.init(params))
+    state.hyperparams["rho"] = jnp.asarray(0.1)
+    state = cast(Any, opt.update(_grad(params, c, d), state, params)[1])
+    e = state.inner_state.next.perturbation
+    np.testing.assert_allclose(float(optax.tree.norm(e)), 0.1, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        optax.sgd(0.1),
+        optax.rmsprop(0.1),
+        optax.chain(optax.trace(0.9), optax.sgd(0.1, momentum=0.9)),
+    ],
+    ids=["sgd without momentum", "rmsprop", "two momenta"],
+)
+def test_a_base_without_one_momentum_is_refused_at_init(base):
+    opt = eqx_norm.msam(base)
+    with pytest.raises(ValueError, match=r"momentum in the state of `base_optimizer`"):
+        opt.init({"w": jnp.ones(3)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"rho": -0.1}, ValueError, "`rho` must be finite and at least 0"),
+        ({"rho": float("nan")}, ValueError, "`rho` must be finite and at least 0"),
+        ({"rho": np.inf}, ValueError, "`rho` must be finite and at least 0"),
+        ({"rho": jnp.asarray(-1.0)}, ValueError, "`rho` must be finite"),
+        ({"rho": True}, TypeError, "`rho` must be a real scalar or a schedule"),
+        ({"rho": jnp.ones(2)}, TypeError, "`rho` must be a real scalar"),
+        # jaxtyping's runtime check (in the tests) raises a TypeError naming it first.
+        ({"base_optimizer": lambda x: x}, (ValueError, TypeError), "base_optimizer"),
+    ],
+    ids=["negative", "nan", "inf", "negative-array", "bool", "vector", "base"],
+)
+def test_bad_hyperparameters_are_refused(kwargs, error, message):
+    kwargs = {"base_optimizer": optax.sgd(0.1, momentum=0.9)} | kwargs
+    with pytest.raises(error, match=message):
+        eqx_norm.msam(**kwargs)
