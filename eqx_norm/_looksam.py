@@ -32,7 +32,7 @@ def looksam(
     base_optimizer: optax.GradientTransformation,
     rho: ArrayLike | optax.Schedule = 0.05,
     every: int | np.integer | Array = 5,
-    alpha: ArrayLike | optax.Schedule = 0.7,
+    alpha: ArrayLike | optax.Schedule = 0.1,
     adaptive: bool | Array = False,
     eta: ArrayLike = 0.01,
     mask: PyTree | Callable[[optax.Params], PyTree] | None = None,
@@ -57,6 +57,16 @@ def looksam(
     on every step; the step count of a vmapped ensemble trained in lockstep is not
     batched, so this only happens when the states are stepped apart. `alpha=0` is
     "SAM every `every` steps".
+
+    `alpha` sets the reused part's norm relative to the gradient's, so it should be
+    about the ratio $\lVert g_v \rVert / \lVert g \rVert$ that SAM itself produces
+    (the state keeps $g_v$ for measuring it). That ratio depends on `rho` and the
+    model: on the experiment's CNN at `rho=0.05` it is about 0.13 (10th to 90th
+    percentile 0.09 to 0.21), where the paper's `alpha=0.7` (tuned for large-batch
+    vision transformers) adds about five times SAM's own correction and trained
+    worse than the base optimizer, while `alpha=0.1` kept SAM's gain. So the
+    default is 0.1; for another model or radius, measure the ratio and set
+    `alpha` near it.
 
     Used exactly like `eqx_norm.sam`, through [`eqx_norm.sam_step`][] (which keeps
     BatchNorm statistics from the first pass) or with `grad_fn=` by hand. Norms and
@@ -85,7 +95,8 @@ def looksam(
     - `every`: how often the SAM gradient is computed, a positive int (1: every
         step, which is `eqx_norm.sam`).
     - `alpha`: the weight of the reused orthogonal part, at least 0; a float or a
-        schedule (a callable of the update count, as `rho`).
+        schedule (a callable of the update count, as `rho`). The paper's value is
+        0.7; the default 0.1 is the ratio measured here (above).
 
     **Returns:**
 
@@ -105,7 +116,7 @@ def looksam(
         )
     non_negative("rho", rho, "0.05")
     non_negative("eta", eta, "0.01", schedule=False)
-    non_negative("alpha", alpha, "0.7")
+    non_negative("alpha", alpha, "0.1")
     every = _check_every(every)
     base = optax.with_extra_args_support(base_optimizer)
 
