@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eqx_norm import data, experiments
-from eqx_norm.experiments import __main__ as cli, _report
+from eqx_norm.experiments import __main__ as cli, _report, _sam_comparison
 from eqx_norm.experiments._run import _batch_indices
 from eqx_norm.experiments._training import loss_with_output_stats
 
@@ -133,41 +133,45 @@ def test_sam_comparison_cli_writes_table_plot_and_json(tmp_path, capsys):
     argv += ["--evaluations", "1", "--out", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    methods = ("adam", "sam", "asam", "looksam", "sam-per-micro-batch")
+    methods = experiments.SAMConfig().methods
     for method in methods:
         assert method in printed
-    assert "sam beats adam:" in printed and "looksam costs at most 1.3x" in printed
+    assert "at equal gradient evaluations" in printed and "Pays for itself" in printed
     assert (tmp_path / "sam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "table.txt").read_text() in printed
     payload = json.loads((tmp_path / "results.json").read_text())
     assert tuple(payload["runs"]) == methods
     assert payload["config"]["steps"] == 4 and payload["versions"]["jax"]
     for method, run in payload["runs"].items():
-        assert np.asarray(run["loss"]).shape == (2, 4)
-        assert run["eval_steps"] == [4]
+        # Adam goes on to the 8 gradient evaluations of the two-pass methods.
+        steps = 8 if method == "adam" else 4
+        assert np.asarray(run["loss"]).shape == (2, steps)
+        assert run["eval_steps"] == ([4, 8] if method == "adam" else [4])
         error = np.asarray(run["test_error"])
-        assert error.shape == (1, 2) and np.all((error > 0) & (error < 1))
+        assert error.shape == (len(run["eval_steps"]), 2)
+        assert np.all((error > 0) & (error < 1))
         assert np.all(np.asarray(run["train_seconds"]) > 0)
         row = payload["summary"]["methods"][method]
-        np.testing.assert_allclose(row["test_error"], error[-1].mean())
-        np.testing.assert_allclose(row["test_error_std"], error[-1].std())
+        np.testing.assert_allclose(row["test_error"], error[0].mean())
+        np.testing.assert_allclose(row["test_error_std"], error[0].std())
         base = np.median(payload["runs"]["adam"]["seconds_per_step"])
         np.testing.assert_allclose(
             row["time_per_step_vs_base"], np.median(run["seconds_per_step"]) / base
         )
+    evaluations = {m: r["gradient_evaluations"] for m, r in payload["runs"].items()}
+    assert evaluations["sam"] == [8] and evaluations["looksam"] == [5]
+    assert evaluations["msam"] == [4] and evaluations["adam"] == [4, 8]
     # Same seeds, same first batch, an unperturbed first pass on the whole batch:
     # the same step-1 loss for all but the per-micro-batch method, whose first pass
     # normalises each micro-batch by its own statistics.
     first = {m: np.asarray(r["loss"])[:, 0] for m, r in payload["runs"].items()}
-    for method in ("sam", "asam", "looksam"):
+    for method in ("sam", "asam", "sam-on", "asam-on", "looksam", "msam"):
         np.testing.assert_allclose(first[method], first["adam"], rtol=1e-6)
     assert not np.allclose(first["sam-per-micro-batch"], first["adam"], rtol=1e-6)
-    assert payload["summary"]["claims"].keys() == {
-        "sam beats adam",
-        "asam beats adam",
-        "looksam costs at most 1.3x adam",
-        "looksam keeps most of sam's gain",
-    }
+    comparisons = payload["summary"]["comparisons"]
+    assert tuple(comparisons) == methods[1:]
+    assert comparisons["sam"]["equal_gradient_evaluations"]["base_steps"] == 8
+    assert comparisons["msam"]["equal_gradient_evaluations"]["base_steps"] == 4
 
 
 @pytest.mark.standard_promotion  # optax.adam
@@ -380,7 +384,8 @@ def test_help_showed_no_defaults(command, capsys):
     for default in ("(default: 64)", "(default: 0.003)", "(default: 0.05)"):
         assert default in out
     if command:
-        assert "(default: 2000)" in out and "(default: results/sam)" in out
+        assert "(default: 1500)" in out and "(default: results/sam)" in out
+        assert "under 20" in out
         assert "(default: fashion-mnist)" in out and "(default: 5)" in out
     else:
         assert "(default: 100)" in out and "(default: results)" in out
@@ -403,17 +408,30 @@ def _results(seeds: int, steps: int = 5) -> experiments.Results:
 
 
 def _sam_results(seeds: int) -> experiments.SAMResults:
+    """Synthetic results of Adam, SAM and LookSAM over 10 steps, Adam continued to
+    SAM's 20 gradient evaluations; SAM's and LookSAM's test errors are Adam's after
+    10 steps less 0.02 and 0.005, with noise."""
     rng = np.random.default_rng(0)
+    adam_error = rng.uniform(0.1, 0.2, (2, seeds))
     runs = {
-        method: {
-            "loss": rng.uniform(0.1, 1, (seeds, 10)),
-            "eval_steps": np.asarray([5, 10]),
-            "test_error": rng.uniform(0.1, 0.2, (2, seeds)),
+        "adam": {
+            "loss": rng.uniform(0.1, 1, (seeds, 20)),
+            "eval_steps": np.asarray([10, 20]),
+            "gradient_evaluations": np.asarray([10, 20]),
+            "test_error": adam_error,
             "train_seconds": np.tile([[1.0], [2.0]], (1, seeds)),
             "seconds_per_step": np.full(seeds, 0.01),
         }
-        for method in ("adam", "sam", "looksam")
     }
+    for method, gain, evals in (("sam", 0.02, 20), ("looksam", 0.005, 12)):
+        runs[method] = {
+            "loss": rng.uniform(0.1, 1, (seeds, 10)),
+            "eval_steps": np.asarray([10]),
+            "gradient_evaluations": np.asarray([evals]),
+            "test_error": adam_error[:1] - gain + rng.normal(0, 1e-3, (1, seeds)),
+            "train_seconds": np.full((1, seeds), 2.0),
+            "seconds_per_step": np.full(seeds, 0.02),
+        }
     config = experiments.SAMConfig(
         dataset="digits", methods=tuple(runs), seeds=seeds, steps=10, evaluations=1
     )
@@ -425,14 +443,86 @@ def test_sam_summary_gave_a_spread_and_verdicts_from_one_seed():
     verdict, and a line saying why."""
     one = _sam_results(1)
     summary = experiments.sam_summary(one)
-    assert summary["claims"] == {} and "at least 2 seeds" in summary["no_claims"]
+    assert summary["comparisons"] == {} and "at least 2 seeds" in summary["no_verdicts"]
     assert all(row["test_error_std"] is None for row in summary["methods"].values())
     table = experiments.sam_table(one)
-    assert "holds" not in table and "0.0000" not in table
+    assert "beats" not in table and "0.0000" not in table
     assert "no verdict" in table and "at least 2 seeds" in table
     two = experiments.sam_summary(_sam_results(2))
-    assert "sam beats adam" in two["claims"] and "no_claims" not in two
-    assert "holds" in experiments.sam_table(_sam_results(2))
+    assert "sam" in two["comparisons"] and "no_verdicts" not in two
+    assert "paired by seed" in experiments.sam_table(_sam_results(2))
+
+
+def test_sam_verdicts_are_paired_at_equal_steps_and_at_equal_evaluations():
+    """SAM is 0.02 below Adam after the same steps, seed by seed: "sam beats adam"
+    at equal steps; against Adam continued to SAM's 20 gradient evaluations the
+    paired difference is the arithmetic of those runs, with its t interval."""
+    results = _sam_results(3)
+    summary = experiments.sam_summary(results)
+    sam = summary["comparisons"]["sam"]
+    assert sam["equal_steps"]["verdict"] == "sam beats adam"
+    np.testing.assert_allclose(sam["equal_steps"]["difference"], -0.02, atol=2e-3)
+    at_evals = sam["equal_gradient_evaluations"]
+    assert at_evals["base_steps"] == 20 and at_evals["base_gradient_evaluations"] == 20
+    d = results.runs["sam"]["test_error"][0] - results.runs["adam"]["test_error"][1]
+    half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(at_evals["difference"], d.mean())
+    np.testing.assert_allclose(at_evals["interval"], [d.mean() - half, d.mean() + half])
+    expected = (
+        "sam beats adam"
+        if d.mean() + half < 0
+        else "adam beats sam"
+        if d.mean() - half > 0
+        else "no clear difference"
+    )
+    assert at_evals["verdict"] == expected
+    assert summary["pays_for_itself"] == [
+        m
+        for m, c in summary["comparisons"].items()
+        if c["equal_gradient_evaluations"]["verdict"] == f"{m} beats adam"
+    ]
+    # LookSAM's 12 gradient evaluations are matched by Adam's next measured step.
+    assert (
+        summary["comparisons"]["looksam"]["equal_gradient_evaluations"]["base_steps"]
+        == 20
+    )
+    assert summary["base_continued"][20]["gradient_evaluations"] == 20
+
+
+def test_a_difference_within_the_spread_is_no_clear_difference():
+    one, other = np.asarray([0.10, 0.12, 0.14]), np.asarray([0.11, 0.11, 0.13])
+    verdict = _sam_comparison.paired_verdict(one, other, "sam", "adam")
+    assert verdict["verdict"] == "no clear difference"
+    assert verdict["interval"][0] < 0 < verdict["interval"][1]
+    verdict = _sam_comparison.paired_verdict(other + 0.05, other, "sam", "adam")
+    assert verdict["verdict"] == "adam beats sam"
+
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 9, 29, 30, 31, 45, 100, 1000):
+        np.testing.assert_allclose(
+            _sam_comparison.t_quantile(df), stats.t.ppf(0.975, df), rtol=2e-4
+        )
+    with pytest.raises(ValueError, match="`df` must be at least 1"):
+        _sam_comparison.t_quantile(0)
+
+
+def test_gradient_evaluations_and_the_base_plan():
+    g = _sam_comparison.gradient_evaluations
+    assert [g(m, 10, 5) for m in ("adam", "msam", "sam", "asam-on", "looksam")] == [
+        10,
+        10,
+        20,
+        20,
+        12,
+    ]
+    assert g("looksam", 11, 5) == 14  # steps 0, 5 and 10 take the second pass
+    config = experiments.SAMConfig(dataset="digits", steps=1500)
+    longest, matching = _sam_comparison.base_plan(config)
+    assert longest == 3000
+    assert matching["looksam"][-1] == 1800 and matching["msam"][-1] == 1500
+    assert matching["sam-per-micro-batch"] == [600, 1200, 1800, 2400, 3000]
 
 
 def _figure(monkeypatch, module, plot, results):

@@ -12,7 +12,8 @@ experiments.save_results(results, "results")
 
 From the shell: `python -m eqx_norm.experiments --help`.
 
-The SAM comparison (base optimizer, SAM, ASAM, LookSAM, per-micro-batch SAM):
+The SAM comparison (base optimizer, SAM, ASAM, SAM-ON, ASAM-ON, LookSAM,
+Momentum-SAM, per-micro-batch SAM, at equal steps and equal gradient evaluations):
 
 ```python
 results = experiments.run_sam_comparison(experiments.SAMConfig(steps=100))
