@@ -99,9 +99,7 @@ def _from_process_local(
     local = len({index[0].start for index in blocks if index is not None})
     rows = [np.shape(x)[0] if np.ndim(x) else 0 for x in leaves]
     bad = [r for r in rows if r == 0 or r % local]
-    signature = repr(
-        (treedef, [(np.shape(x), np.result_type(x).name) for x in leaves])
-    ).encode()
+    signature = repr((treedef, [(np.shape(x), _dtype(x)) for x in leaves])).encode()
     digest = np.frombuffer(hashlib.sha256(signature).digest()[:8], np.int32)
     mine = np.array([bad[0] if bad else rows[0] if rows else 0, not bad, *digest])
     every = multihost_utils.process_allgather(mine.astype(np.int32))
@@ -116,9 +114,7 @@ def _from_process_local(
             "each."
         )
     if (every[:, [0, 2, 3]] != every[0, [0, 2, 3]]).any():
-        shapes = ", ".join(
-            f"{np.result_type(x).name}{list(np.shape(x))}" for x in leaves
-        )
+        shapes = ", ".join(f"{_dtype(x)}{list(np.shape(x))}" for x in leaves)
         raise ValueError(
             "`shard_batch(..., process_local=True)`: the processes pass batches "
             f"of different shapes or dtypes (rows per process: "
@@ -134,6 +130,10 @@ def _from_process_local(
         for x in leaves
     ]
     return jax.tree.unflatten(treedef, out)
+
+
+def _dtype(x: Any) -> str:
+    return np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x)).name
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

@@ -3,6 +3,13 @@
 process's eight devices. Each launch runs many checks and reports them all, so that
 the few launches stay within a few minutes on two cores."""
 
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -10,12 +17,12 @@ import numpy as np
 import optax
 import pytest
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_norm
 
 from .helpers import mse_loss
-from .multihost import launch, results
+from .multihost import launch, note, results
 
 APPROACHES = list(eqx_norm.APPROACHES)
 
@@ -244,3 +251,261 @@ def test_two_processes_equal_one(tmp_path):
     want["shard_batch"].pop("errors")
     for i, got in enumerate(launched):
         _assert_close(got, want, f"process {i}")
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+class Wide(eqx.Module):
+    """A layer whose weight rows and statistics split over 8 devices."""
+
+    linear: eqx.nn.Linear
+    bn: eqx_norm.BatchNorm
+
+    def __init__(self, seed):
+        self.linear = eqx.nn.Linear(4, 16, use_bias=False, key=jax.random.key(seed))
+        self.bn = eqx_norm.BatchNorm(16, "batch", approach="ema")
+
+    def __call__(self, x, state):
+        return self.bn(self.linear(x), state)
+
+
+def _wide(seed, split=True):
+    """A `Wide` model and a state with statistics of its own, placed on the mesh:
+    every array of 16 rows split over the devices of both processes (`split`) or
+    replicated, the rest replicated."""
+    model, state = eqx.nn.make_with_state(Wide)(seed)
+    rng = np.random.default_rng(seed)
+    stats = eqx_norm.RunningStats(
+        jnp.asarray(rng.standard_normal(16, np.float32)),
+        jnp.asarray(rng.uniform(0.5, 2, 16).astype(np.float32)),
+        jnp.asarray(seed, jnp.int32),
+    )
+    state = state.set(model.bn.state_index, stats)
+    mesh = _mesh()
+
+    def place(x):
+        if not isinstance(x, jax.Array):
+            return x
+        spec = P("data") if split and x.ndim and x.shape[0] == 16 else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, (model, state))
+
+
+def _check_loaded(loaded, like, want) -> None:
+    """`loaded` has the values of `want` (a pytree, or its `_host` lists) and the
+    shardings of `like`."""
+    arrays = [jax.tree.leaves(eqx.filter(t, eqx.is_array)) for t in (loaded, like)]
+    for a, b in zip(*arrays, strict=True):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+    want = want if isinstance(want, list) else _host(want)
+    for a, b in zip(_host(loaded), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _orbax_failure(message):
+    """Make Orbax fail on every process after writing the arrays, as a shared
+    file system that fills up; returns the undo."""
+    import orbax.checkpoint as ocp
+
+    original = ocp.Checkpointer.save
+
+    def fail(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise OSError(message)
+
+    ocp.Checkpointer.save = fail
+    return lambda: setattr(ocp.Checkpointer, "save", original)
+
+
+def checkpoints(args):
+    """Save and load with arrays split across processes (an Orbax folder beside
+    the file) and with replicated arrays only (one file, as on one process)."""
+    folder = Path(args["folder"])
+    path = folder / "model.eqx"
+    listing = {}
+
+    def files():
+        return sorted(p.name for p in folder.iterdir())
+
+    first = _wide(1)
+    eqx_norm.save(path, *first)
+    listing["first save"] = files()
+    like = _wide(2)
+    _check_loaded(eqx_norm.load(path, *like), like, first)
+    # Into a model placed otherwise: the sharding is the given model's.
+    replicated = _wide(3, split=False)
+    _check_loaded(eqx_norm.load(path, *replicated), replicated, first)
+
+    second = _wide(4)
+    eqx_norm.save(path, *second)
+    listing["second save"] = files()
+    errors = {}
+    undo = _orbax_failure("No space left on device")
+    try:
+        eqx_norm.save(path, *_wide(5))
+    except OSError as e:
+        errors["orbax fails"] = str(e)
+    finally:
+        undo()
+    listing["after a failed save"] = files()
+    path.chmod(0o444)
+    try:
+        eqx_norm.save(path, *_wide(6))
+    except PermissionError as e:
+        errors["read-only"] = str(e)
+    path.chmod(0o644)
+    _check_loaded(eqx_norm.load(path, *like), like, second)
+
+    # Replicated arrays only: process 0 writes the one file of one process.
+    single = folder / "replicated.eqx"
+    eqx_norm.save(single, *replicated)
+    _check_loaded(eqx_norm.load(single, *like), like, replicated)
+    eqx_norm.save(path, *replicated)  # over the checkpoint with a folder
+    listing["replicated over split"] = files()
+    _check_loaded(eqx_norm.load(path, *like), like, replicated)
+    eqx_norm.save(path, *second)  # and back, for the test process to load
+    return {
+        "listing": listing,
+        "errors": errors,
+        "header": json.loads(path.read_bytes().split(b"\n")[0]),
+        "second": _host(second),
+    }
+
+
+def test_checkpoints_of_arrays_split_across_processes(tmp_path, monkeypatch):
+    """`save` and `load` on every process: values and shardings come back, a save
+    that fails leaves the previous checkpoint, and this process (one of eight
+    devices) loads what two processes wrote."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    first, second = results(
+        launch(f"{__name__}:checkpoints", {"folder": str(folder)}, folder=tmp_path)
+    )
+    assert first["listing"] == second["listing"]
+    listing = first["listing"]
+    # The file, and the folder of arrays its header names; none left behind.
+    (orbax,) = [n for n in listing["first save"] if n.endswith(".orbax")]
+    assert listing["first save"] == ["model.eqx", orbax]
+    (newer,) = [n for n in listing["second save"] if n.endswith(".orbax")]
+    assert newer != orbax and listing["second save"] == ["model.eqx", newer]
+    assert listing["after a failed save"] == listing["second save"]
+    assert listing["replicated over split"] == ["model.eqx", "replicated.eqx"]
+    read_only = (
+        f"`eqx_norm.save`: {str(folder / 'model.eqx')!r} is read-only, and saving "
+        "would replace it; make it writable first (`chmod u+w`) or save to another "
+        "path."
+    )
+    # Process 0 checks the path; every process raises its error.
+    assert first["errors"] == {
+        "orbax fails": "No space left on device",
+        "read-only": read_only,
+    }
+    assert second["errors"]["read-only"] == read_only + " (on process 0)"
+    header = first["header"]
+    assert header["version"] == 3 and header["arrays"] in os.listdir(folder)
+    # One process loads it, split over its own eight devices.
+    like = _wide(7)
+    before = _host(like)
+    _check_loaded(eqx_norm.load(folder / "model.eqx", *like), like, first["second"])
+    # A model of other shapes, a missing folder, a header naming a folder elsewhere
+    # or Orbax missing: clear errors, the model untouched.
+    wider = eqx.nn.Linear(5, 16, use_bias=False, key=jax.random.key(0))
+    other = eqx.tree_at(lambda m: m.linear, like[0], wider)
+    with pytest.raises(
+        ValueError, match=r"structure: array 0 was saved as .*\[16, 4\].*\[16, 5\]"
+    ):
+        eqx_norm.load(folder / "model.eqx", other, like[1])
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
+    with pytest.raises(ImportError, match=r"pip install 'eqx_norm\[distributed\]'"):
+        eqx_norm.load(folder / "model.eqx", *like)
+    monkeypatch.delitem(sys.modules, "orbax.checkpoint")
+    moved = tmp_path / "elsewhere.eqx"
+    moved.write_bytes((folder / "model.eqx").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"its arrays are in the folder .*copy"):
+        eqx_norm.load(moved, *like)
+    moved.write_text(json.dumps({**header, "arrays": "../" + header["arrays"]}))
+    with pytest.raises(
+        ValueError, match="`arrays` or `leaves` is missing or malformed"
+    ):
+        eqx_norm.load(moved, *like)
+    np.testing.assert_equal(_host(like), before)
+
+
+# --------------------------------------------------------------------------- faults
+
+HEARTBEAT = 5  # seconds: `jax.distributed.initialize(heartbeat_timeout_seconds=...)`
+
+
+def _die():
+    note(killed_at=time.time())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault(args):
+    """Save a checkpoint, then kill the victim process during a training step or
+    during the next save; the survivor must not go on."""
+    path = Path(args["folder"]) / "model.eqx"
+    eqx_norm.save(path, *_wide(1))
+    victim = jax.process_index() == args["victim"]
+    if args["when"] == "during a step":
+        model, state = _wide(1)
+        grad = eqx.filter_grad(mse_loss, has_aux=True)
+        step = eqx.filter_jit(lambda m, s, x, y: grad(m, s, x, y)[1])
+        x, y = eqx_norm.shard_batch(
+            (np.ones((32, 4), np.float32), np.zeros((32, 16), np.float32)), _mesh()
+        )
+        for t in range(10_000):
+            if t == 3 and victim:
+                _die()
+            state = jax.block_until_ready(step(model, state, x, y))
+    else:
+        import orbax.checkpoint as ocp
+
+        original = ocp.Checkpointer.save
+
+        def save(self, *a, **kw):
+            if victim and args["when"] == "inside a save":
+                _die()  # before writing its part: the other is inside Orbax
+            original(self, *a, **kw)
+            if victim:
+                _die()  # after writing the arrays, before the file names them
+
+        ocp.Checkpointer.save = save
+        eqx_norm.save(path, *_wide(2))
+    note(finished=True)
+    return {}
+
+
+@pytest.mark.parametrize(
+    "when, victim",
+    [("during a step", 1), ("inside a save", 1), ("before the commit", 0)],
+    ids=["step", "save", "commit"],
+)
+def test_a_killed_process_stops_the_others(when, victim, tmp_path):
+    """A process killed during a step or a save: the other ends with JAX's error
+    within about the heartbeat timeout, and the previous checkpoint loads."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    launched = launch(
+        f"{__name__}:fault",
+        {"folder": str(folder), "when": when, "victim": victim},
+        heartbeat=HEARTBEAT,
+        timeout=90,
+        folder=tmp_path,
+    )
+    dead, survivor = launched[victim], launched[1 - victim]
+    assert dead.returncode == -signal.SIGKILL, dead.stderr[-3000:]
+    assert survivor.returncode not in (0, None), survivor.stderr[-3000:]
+    assert "finished" not in survivor.notes
+    assert (
+        "Terminating process because the JAX distributed service detected fatal "
+        "errors" in survivor.stderr
+    ), survivor.stderr[-3000:]
+    seconds = survivor.ended - dead.notes["killed_at"]
+    print(f"{when}, process {victim} killed: the other ended {seconds:.1f} s later")
+    assert seconds < HEARTBEAT + 10
+    # The previous checkpoint loads here, with the values first saved.
+    like = _wide(7)
+    _check_loaded(eqx_norm.load(folder / "model.eqx", *like), like, _wide(1))
