@@ -371,7 +371,7 @@ def _run(fn, here: bool) -> tuple[Any, BaseException | None, dict[str, Any]]:
         value = fn()
         return value, None, {"value": value}
     except BaseException as e:  # a KeyboardInterrupt too: the others must hear of it
-        return None, e, {"error": type(e).__name__, "message": str(e)[:1000]}
+        return None, e, {"error": type(e).__name__, "message": str(e)[:800]}
 
 
 def _raise_first_error(outcomes: list[dict[str, Any]], mine: BaseException | None):
@@ -379,8 +379,10 @@ def _raise_first_error(outcomes: list[dict[str, Any]], mine: BaseException | Non
         raise mine
     for p, outcome in enumerate(outcomes):
         if "error" in outcome:
-            kind = _ERRORS.get(outcome["error"], RuntimeError)
-            raise kind(f"{outcome['message']} (on process {p})")
+            name, message = outcome["error"], outcome["message"]
+            if name in _ERRORS:
+                raise _ERRORS[name](f"{message} (on process {p})")
+            raise RuntimeError(f"a checkpoint failed on process {p}: {name}: {message}")
 
 
 def _on_process_zero(fn) -> Any:

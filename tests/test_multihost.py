@@ -6,6 +6,7 @@ the few launches stay within a few minutes on two cores."""
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import eqx_norm
 
 from .helpers import mse_loss
-from .multihost import launch, note, results
+from .multihost import ROOT, launch, note, results
 
 APPROACHES = list(eqx_norm.APPROACHES)
 
@@ -509,3 +510,36 @@ def test_a_killed_process_stops_the_others(when, victim, tmp_path):
     # The previous checkpoint loads here, with the values first saved.
     like = _wide(7)
     _check_loaded(eqx_norm.load(folder / "model.eqx", *like), like, _wide(1))
+
+
+# -------------------------------------------------------------------------- example
+
+
+def test_multi_host_example_trains(tmp_path):
+    """examples/multi_host.py --processes 2: each process reads its own rows, the
+    model learns, and the checkpoint all of them saved loads here."""
+    path = tmp_path / "model.eqx"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "multi_host.py"),
+            "--processes=2",
+            "--steps=30",
+            f"--checkpoint={path}",
+            "--timeout=240",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes, 8 devices, 30 SAM steps" in out.stdout
+    assert float(out.stdout.rsplit("test accuracy", 1)[1]) > 0.5
+    from eqx_norm import experiments
+
+    like = eqx.nn.make_with_state(experiments.CNN)("batch", key=jax.random.key(1))
+    model, _ = eqx_norm.load(path, *like)
+    assert not np.array_equal(model.conv.weight, like[0].conv.weight)
