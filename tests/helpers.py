@@ -1,8 +1,12 @@
+"""What the tests share: running a layer over a batch, building and training small
+models, and comparing pytrees leaf by leaf."""
+
 from typing import cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import eqx_norm
 
@@ -30,8 +34,39 @@ def apply(layer, x, state, *, inference=None, axis_name="batch", mask=None):
 
 def clone(state):
     """A new `eqx.nn.State` with the same arrays: `State.set` invalidates the object
-    it is called on, so a state used twice must be given to each use as a copy."""
+    it is called on, so a state used twice must be given to each use as a copy.
+
+    The package has the same one line as `eqx_norm._state.copy_state`, but that is
+    private, and the tests use the public surface only; Equinox has no public copy
+    of a state, so this is the test suite's one."""
     return jax.tree.map(lambda a: a, state)
+
+
+def leaves(tree) -> list[np.ndarray]:
+    """The arrays of `tree` as NumPy arrays: a record of it before a call that must
+    leave it unchanged (see `assert_same`)."""
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def assert_same(tree, before):
+    """Every leaf of `tree` equals the matching leaf of `before` (a pytree of the same
+    structure, or what `leaves` recorded) bit for bit."""
+    for a, b in zip(leaves(tree), leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def assert_close(tree, other, **tolerance):
+    """Every leaf of `tree` equals the matching leaf of `other` within `tolerance`
+    (the keywords of `np.testing.assert_allclose`)."""
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(other), strict=True):
+        np.testing.assert_allclose(a, b, **tolerance)
+
+
+def regression_data(key, n=16):
+    """A batch for `Net` and `MLP`: `n` inputs of 4 features with mean 1 and standard
+    deviation 2, and `n` standard normal targets of 2."""
+    kx, ky = jax.random.split(key)
+    return 1 + 2 * jax.random.normal(kx, (n, 4)), jax.random.normal(ky, (n, 2))
 
 
 def make(input_size=3, **kwargs):
@@ -121,6 +156,18 @@ def mse_loss(model, state, x, y):
     return jnp.mean((pred - y) ** 2), state
 
 
+def counting(loss_fn):
+    """`loss_fn` wrapped to count its calls, and the list it counts them in (an
+    entry a call: traced under `jit`, a pass in the compiled step)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return loss_fn(*args)
+
+    return counted, calls
+
+
 class MLP(eqx.Module):
     layers: eqx.nn.Sequential
 
@@ -142,6 +189,15 @@ class MLP(eqx.Module):
 
     def __call__(self, x, state):
         return self.layers(x, state)
+
+
+def trained_mlp(approach: str | eqx_norm.Approach = "batch", steps=3):
+    """An `MLP` and its state after `steps` training calls on batches of 16 inputs
+    of mean 3 and standard deviation 2."""
+    model, state = eqx.nn.make_with_state(MLP)(approach)
+    for k in jax.random.split(jax.random.key(1), steps):
+        _, state = apply(model, 3 + 2 * jax.random.normal(k, (16, 4)), state)
+    return model, state
 
 
 def bn_at(model, i) -> eqx_norm.BatchNorm:

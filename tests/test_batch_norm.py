@@ -1,7 +1,3 @@
-import inspect
-import re
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.extend
@@ -11,7 +7,16 @@ import pytest
 
 import eqx_norm
 
-from .helpers import apply, batches, clone, make, train_step, with_affine
+from .helpers import (
+    apply,
+    assert_same,
+    batches,
+    clone,
+    leaves,
+    make,
+    train_step,
+    with_affine,
+)
 from .reference import REFERENCES, FrozenRef
 
 APPROACHES = list(eqx_norm.APPROACHES)
@@ -57,8 +62,7 @@ def test_matches_float64_reference(approach, shape, getkey):
         if t % 10 == 9:
             y_inf, state_inf = apply(bn, x, state, inference=True)
             _close(y_inf, ref.inference(np.asarray(x, F64), w, b), 1e-5, "inference")
-            for new, old in zip(jax.tree.leaves(state_inf), jax.tree.leaves(state)):
-                np.testing.assert_array_equal(new, old)  # inference changes nothing
+            assert_same(state_inf, state)  # inference changes nothing
 
 
 def test_ema_matches_equinox_step_for_step(getkey):
@@ -262,13 +266,47 @@ def test_non_finite_batch_leaves_state_unchanged(approach, getkey):
         y, after = jax.jit(lambda x, s: apply(bn, x, s))(bad, state)
         if bn.approach.needs_batch_variance:
             assert not np.all(np.isfinite(y[:, 1]))  # the output is what it is
-        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
-            np.testing.assert_array_equal(a, b)
+        assert_same(after, state)
     _, state = apply(bn, good[3], state)
     _, clean = apply(bn, good[3], clean)
     y, _ = apply(bn, good[0], state, inference=True)
     y_clean, _ = apply(bn, good[0], clean, inference=True)
     np.testing.assert_array_equal(y, y_clean)
+    assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("poison", [-jnp.inf, 3e38], ids=["-inf", "3e38"])
+def test_bad_batches_never_change_the_state(approach, poison):
+    """Negative infinity, and values whose square overflows float32 (NaN and
+    infinity are `test_non_finite_batch_leaves_state_unchanged`'s): the state is
+    bit-for-bit unchanged under `jit`, in every approach."""
+    bn, state = make(3, approach=approach)
+    for x in batches(jax.random.key(0), 2, (8, 3, 2)):
+        _, state = apply(bn, x, state)
+    before = leaves(state)
+    bad = batches(jax.random.key(1), 1, (8, 3, 2))[0].at[2, 1, 0].set(poison)
+    _, after = jax.jit(lambda x, s: apply(bn, x, s))(bad, state)
+    assert_same(after, before)
+
+
+def test_non_finite_new_running_statistics_are_refused():
+    """Regression: the guard checked the batch statistics only; a strategy whose
+    new running statistics overflow (or go negative) must leave the state
+    unchanged."""
+
+    class Overflowing(eqx_norm.Approach):
+        def train(self, batch, running, momentum, eps):
+            new = eqx_norm.RunningStats(
+                running.mean + 1e38 * batch.mean * 1e38, -batch.var, running.counter + 1
+            )
+            return batch.mean, batch.var, new
+
+    bn, state = make(3, approach=Overflowing())
+    before = leaves(state)
+    x = 1 + jax.random.normal(jax.random.key(0), (8, 3))
+    y, after = apply(bn, x, state)
+    assert_same(after, before)
     assert np.all(np.isfinite(y))
 
 
@@ -315,15 +353,71 @@ def test_constructor_errors_name_the_argument(kwargs, error, message):
 
 
 @pytest.mark.parametrize(
-    "make_approach, message",
+    "kwargs, error, message",
     [
-        (lambda: eqx_norm.Running(max_count=0), "`max_count` must be a whole number"),
-        (lambda: eqx_norm.Renorm(r_max=0.5), "`r_max` must be at least 1"),
+        ({"input_size": -3}, ValueError, "`input_size` must be a positive int"),
+        ({"input_size": 2.5}, TypeError, "input_size"),
+        ({"input_size": True}, TypeError, "`input_size` must be a positive int"),
+        ({"momentum": float("nan")}, ValueError, r"`momentum` must be in \[0, 1\)"),
+        ({"momentum": float("inf")}, ValueError, r"`momentum` must be in \[0, 1\)"),
+        ({"momentum": "0.9"}, TypeError, "momentum"),
+        ({"momentum": np.array([0.9])}, TypeError, "`momentum` must be a real"),
+        ({"eps": float("nan")}, ValueError, "`eps` must be finite and at least 0"),
+        ({"eps": float("inf")}, ValueError, "`eps` must be finite and at least 0"),
+        ({"dtype": jnp.int32}, ValueError, "`dtype` must be a floating dtype"),
+        ({"approach": None}, TypeError, "approach"),
     ],
+    ids=lambda v: repr(v)[:30] if not isinstance(v, type) else v.__name__,
 )
-def test_approach_errors_name_the_argument(make_approach, message):
-    with pytest.raises(ValueError, match=message):
-        make_approach()
+def test_more_bad_constructor_arguments(kwargs, error, message):
+    """Values of the wrong type, NaN and infinities (the test above has values out
+    of range)."""
+    kwargs = {"input_size": 3, "axis_name": "batch", **kwargs}
+    with pytest.raises(error, match=message):
+        eqx_norm.BatchNorm(**kwargs)
+
+
+def test_momentum_that_rounds_to_one_is_refused():
+    """Regression: momentum 1 - 1e-9 passed the [0, 1) check but is 1.0 in
+    float32, and the first update divided by zero."""
+    with pytest.raises(ValueError, match="rounds to 1 in the statistics' dtype"):
+        eqx_norm.BatchNorm(3, "batch", momentum=1 - 1e-9)
+
+
+def test_numpy_and_jax_scalars_are_accepted_as_numbers():
+    bn = eqx_norm.BatchNorm(
+        np.int64(3), "batch", momentum=np.float32(0.9), eps=jnp.array(1e-3)
+    )
+    assert bn.input_size == 3 and isinstance(bn.momentum, float)
+    assert bn.eps == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32, jnp.bool_, jnp.complex64])
+@pytest.mark.parametrize("inference", [False, True])
+def test_integer_input_is_a_type_error(dtype, inference):
+    """Regression: a uint8 batch came back as uint8 garbage. Complex input is
+    refused alike."""
+    bn, state = make(3)
+    with pytest.raises(TypeError, match=f"dtype {jnp.dtype(dtype)}.*Cast it first"):
+        apply(bn, jnp.ones((4, 3), dtype), state, inference=inference)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_state_of_another_layer_is_refused(inference):
+    """Regression: a 6-channel layer given a 1-channel layer's state normalised
+    all six channels with its statistics."""
+    _, state1 = make(1)
+    bn6, _ = make(6)
+    with pytest.raises(ValueError, match=r"input_size=6.*shape \(1,\), not \(6,\)"):
+        apply(bn6, jnp.ones((4, 6)), state1, inference=inference)
+    with pytest.raises(ValueError, match=r"input_size=6.*shape \(1,\)"):
+        bn6.statistics(state1)
+
+
+def test_a_scalar_example_names_the_shape():
+    bn, state = make(3)
+    with pytest.raises(ValueError, match=r"input_size=3.*shape \(\)"):
+        apply(bn, jnp.ones((4,)), state)
 
 
 def test_wrong_channel_count_names_the_shape():
@@ -336,57 +430,6 @@ def test_missing_axis_name_says_how_to_vmap():
     bn, state = make(3)
     with pytest.raises(NameError, match=r"no mapped axis named 'batch'.*jax.vmap"):
         apply(bn, jnp.ones((5, 3, 2)), state, axis_name="other")
-
-
-def test_user_strategy_in_a_dozen_lines(getkey):
-    """The strategy written in `eqx_norm.Approach`'s docstring, run from there,
-    against the float64 formula it states."""
-    doc = inspect.getdoc(eqx_norm.Approach) or ""
-    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert code is not None
-    namespace: dict[str, Any] = {"eqx_norm": eqx_norm}
-    exec(code.group(1), namespace)
-    HalfAndHalf = namespace["HalfAndHalf"]
-
-    bn, state = make(3, approach=HalfAndHalf(), momentum=0.5)
-    r_mean, r_var = np.zeros(3), np.ones(3)
-    for x in batches(getkey(), 5, (16, 3, 2)):
-        y, state = apply(bn, x, state)
-        xs = np.asarray(x, F64)
-        mu, v = xs.mean((0, 2)), xs.var((0, 2))
-        m, s2 = 0.5 * (mu + r_mean), 0.5 * (v + r_var)
-        y_ref = (xs - m[None, :, None]) / np.sqrt(s2 + 1e-5)[None, :, None]
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        r_mean, r_var = 0.5 * r_mean + 0.5 * mu, 0.5 * r_var + 0.5 * v
-        np.testing.assert_allclose(bn.statistics(state)[0], r_mean, rtol=1e-5)
-
-
-class _Inflated(eqx_norm.Approach):
-    """Stores plain batch statistics, starts from variance 4, and infers with the
-    stored variance doubled: both hooks overridden."""
-
-    def init(self, input_size, dtype):
-        zeros = jnp.zeros((input_size,), dtype)
-        return eqx_norm.RunningStats(zeros, zeros + 4, jnp.array(0, jnp.int32))
-
-    def train(self, batch, running, momentum, eps):
-        new = eqx_norm.RunningStats(batch.mean, batch.var, running.counter + 1)
-        return batch.mean, batch.var, new
-
-    def infer(self, running, momentum):
-        return running.mean, 2 * running.var
-
-
-def test_user_strategy_init_and_infer_are_used(getkey):
-    bn, state = make(3, approach=_Inflated())
-    np.testing.assert_array_equal(bn.statistics(state)[1], np.full(3, 8.0))
-    x = batches(getkey(), 1, (16, 3, 2))[0]
-    _, state = apply(bn, x, state)
-    y, _ = apply(bn, x, state, inference=True)
-    xs = np.asarray(x, F64)
-    mu, v = xs.mean((0, 2)), xs.var((0, 2))
-    y_ref = (xs - mu[None, :, None]) / np.sqrt(2 * v + 1e-5)[None, :, None]
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_switching_approach_keeps_the_state(getkey):
@@ -428,8 +471,7 @@ def test_sequential_and_inference_mode(getkey):
     np.testing.assert_allclose(
         y_inf, (h - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6
     )
-    for a, b in zip(jax.tree.leaves(state_inf), jax.tree.leaves(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(state_inf, state)
 
 
 def test_channelwise_affine_off_and_dtype(getkey):

@@ -23,12 +23,17 @@ DIGITS_PNG = Path(
 IN_CI = os.environ.get("CI") == "true"
 
 
+def idx_header(code: int, shape: tuple[int, ...]) -> bytes:
+    """The header of an IDX file of type `code` and `shape`, written byte by byte
+    from the format's description (a shape can be any, for a file that lies)."""
+    header = struct.pack(">BBBB", 0, 0, code, len(shape))
+    return header + b"".join(struct.pack(">I", d) for d in shape)
+
+
 def idx(array: np.ndarray, code: int) -> bytes:
-    """An IDX file, written byte by byte from the format's description."""
-    header = struct.pack(">BBBB", 0, 0, code, array.ndim)
-    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    """An IDX file of `array`."""
     big_endian = array.astype(array.dtype.newbyteorder(">"))
-    return header + big_endian.tobytes()
+    return idx_header(code, array.shape) + big_endian.tobytes()
 
 
 @pytest.mark.parametrize(
@@ -54,12 +59,20 @@ def test_read_idx_round_trip(dtype, code, compress, tmp_path):
     np.testing.assert_array_equal(out, array)
 
 
-def _write(folder: Path, split: str, images: np.ndarray, labels: np.ndarray):
+def _write(
+    folder: Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    codes: tuple[int, int] = (0x08, 0x08),
+):
+    """A data set's `split` in `folder`: the images gzipped, the labels raw, of
+    the IDX type `codes` (uint8 by default)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(
-        gzip.compress(idx(images, 0x08))
+        gzip.compress(idx(images, codes[0]))
     )
-    (folder / f"{split}-labels-idx1-ubyte").write_bytes(idx(labels, 0x08))
+    (folder / f"{split}-labels-idx1-ubyte").write_bytes(idx(labels, codes[1]))
 
 
 def test_load_idx_dataset_gzip_and_raw(tmp_path):
@@ -75,6 +88,16 @@ def test_load_idx_dataset_gzip_and_raw(tmp_path):
     assert yf.dtype == np.int32
 
 
+def _assert_refused(path: Path, content: bytes, message: str):
+    """`read_idx` of a file holding `content` raises an `IDXError` that names the
+    file and matches `message`, and leaves the file as it was."""
+    path.write_bytes(content)
+    with pytest.raises(data.IDXError, match=message) as info:
+        data.read_idx(path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == content
+
+
 def test_bad_idx_files_name_the_file_and_the_fault(tmp_path):
     good = idx(np.zeros((4, 2, 2), np.uint8), 0x08)
     cases = {
@@ -86,11 +109,43 @@ def test_bad_idx_files_name_the_file_and_the_fault(tmp_path):
         "gzip": (gzip.compress(good)[:-10], "gzip stream is corrupt or truncated"),
     }
     for name, (content, message) in cases.items():
-        path = tmp_path / f"{name}-idx3-ubyte"
-        path.write_bytes(content)
-        with pytest.raises(data.IDXError, match=message) as info:
-            data.read_idx(path)
-        assert str(path) in str(info.value)
+        _assert_refused(tmp_path / f"{name}-idx3-ubyte", content, message)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "0 bytes, too short"),
+        (b"\x00\x00\x08", "3 bytes, too short"),
+        (idx_header(0x08, (2, 2))[:6], "truncated inside its header"),
+        (idx_header(0x08, (2**32 - 1,) * 3), "truncated"),
+        (idx_header(0x0D, (2,)) + b"\x00" * 7, r"truncated.*8 bytes of data"),
+        (idx_header(0x08, (2,)) + b"\x00" * 3, "has trailing bytes"),
+        (gzip.compress(b"\x00\x00\x08\x01" + (1).to_bytes(4, "big"))[:-4], "gzip"),
+        (b"\x1f\x8b" + b"\x00" * 20, "gzip stream is corrupt"),
+        (idx_header(0x0A, (0,)) + b"\x00" * 4, "unknown IDX type code 0x0a"),
+    ],
+    ids=[
+        "empty",
+        "three-bytes",
+        "cut-header",
+        "max-dims",
+        "short-floats",
+        "trailing",
+        "gzip-cut-trailer",
+        "gzip-garbage",
+        "code-0x0a",
+    ],
+)
+def test_more_bad_idx_files(content, message, tmp_path):
+    _assert_refused(tmp_path / "bad-idx1-ubyte", content, message)
+
+
+def test_idx_header_size_overflow_is_an_idx_error(tmp_path):
+    """Regression: dimensions 2**31 x 2**31 x 4 made the byte count wrap to 0."""
+    path = tmp_path / "huge-idx3-ubyte"
+    content = idx_header(0x08, (2**31, 2**31, 4))
+    _assert_refused(path, content, r"huge-idx3-ubyte: truncated.*2147483648")
 
 
 def test_count_mismatch_and_missing_files(tmp_path):
@@ -105,6 +160,36 @@ def test_count_mismatch_and_missing_files(tmp_path):
         data.load_idx_dataset(tmp_path, "valid")
     with pytest.raises(ValueError, match="Unknown data set 'cifar'"):
         data.load_dataset("cifar")
+
+
+def test_load_dataset_refuses_images_that_are_not_8_bit(tmp_path):
+    """Regression: int32 IDX images (values up to 1000) came back up to 3.92,
+    although the docstring promises [0, 1]."""
+    images = np.full((2, 28, 28), 1000, np.int32)
+    _write(tmp_path, "train", images, np.array([1, 2], np.uint8), codes=(0x0C, 0x08))
+    with pytest.raises(data.IDXError, match="stored as int32.*8-bit images"):
+        data.load_dataset("mnist", folder=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "labels, code, message",
+    [
+        (np.array([1, -2], np.int8), 0x09, "non-negative integers"),
+        (np.array([1.0, 2.5], np.float32), 0x0D, "non-negative integers"),
+    ],
+    ids=["negative", "float"],
+)
+def test_load_dataset_refuses_bad_labels(labels, code, message, tmp_path):
+    images = np.zeros((2, 28, 28), np.uint8)
+    _write(tmp_path, "train", images, labels, codes=(0x08, code))
+    with pytest.raises(data.IDXError, match=message):
+        data.load_dataset("mnist", folder=tmp_path)
+
+
+def test_load_dataset_images_of_the_wrong_rank(tmp_path):
+    _write(tmp_path, "train", np.zeros((2, 28 * 28), np.uint8), np.zeros(2, np.uint8))
+    with pytest.raises(data.IDXError, match=r"expected \(N, H, W\) images"):
+        data.load_dataset("mnist", folder=tmp_path)
 
 
 def test_bundled_digits_are_a_stratified_disjoint_split():

@@ -89,18 +89,6 @@ def test_cli_with_sam_writes_plots_json_and_claims(tmp_path, capsys):
     assert "ema" in (tmp_path / "claims.txt").read_text()
 
 
-def test_cli_and_config_errors(capsys):
-    with pytest.raises(ValueError, match="unknown approach 'bach'"):
-        experiments.Config(approaches=("bach",))
-    with pytest.raises(ValueError, match="`seeds` must be at least 1"):
-        experiments.Config(seeds=0)
-    with pytest.raises(ValueError, match="`batch_size` must be at least 2"):
-        experiments.Config(batch_size=1)
-    with pytest.raises(SystemExit):
-        cli.main(["--approaches", "bach"])
-    assert "invalid choice: 'bach'" in capsys.readouterr().err
-
-
 def test_cnn_shapes_and_no_norm():
     model, state = eqx.nn.make_with_state(experiments.CNN)(
         "none", key=jax.random.key(0)
@@ -350,6 +338,7 @@ def test_hostile_values_are_argparse_errors_before_any_work(
         (["--seeds", "two"], "invalid int value: 'two'"),
         (["--momentum", "x"], "invalid float value: 'x'"),
         (["--approaches"], "expected at least one argument"),
+        (["--approaches", "bach"], "invalid choice: 'bach'"),
         (SAM + ["--approach", "bach"], "invalid choice: 'bach'"),
         (SAM + ["--every", "2**40"], "invalid int value: '2**40'"),
     ],
@@ -706,3 +695,20 @@ def test_benchmark_flags_refuse_zero_negative_and_malformed_values(
     module = _benchmark(script, monkeypatch)
     parse = getattr(module, "parse_args", None) or module.parser().parse_args
     _bench_refused(parse, argv, flag, capsys)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 1}, "`batch_size` must be at least 2"),
+        ({"steps": 0}, "`steps` must be at least 1"),
+        ({"seeds": 0}, "`seeds` must be at least 1"),
+        ({"approaches": ("bach",)}, "unknown approach 'bach'"),
+        ({"approaches": ()}, "`approaches` is empty"),
+        ({"dataset": "cifar"}, "`dataset` must be one of"),
+    ],
+    ids=["batch-1", "steps-0", "seeds-0", "unknown-approach", "no-approach", "cifar"],
+)
+def test_experiment_config_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        experiments.Config(**kwargs)

@@ -1,3 +1,5 @@
+import inspect
+import re
 from typing import Any, NamedTuple, cast
 
 import equinox as eqx
@@ -9,7 +11,16 @@ import pytest
 
 import eqx_norm
 
-from .helpers import Net, apply, clone, mse_loss
+from .helpers import (
+    Net,
+    apply,
+    assert_close,
+    assert_same,
+    clone,
+    counting,
+    mse_loss,
+    regression_data,
+)
 
 APPROACHES = list(eqx_norm.APPROACHES)
 
@@ -228,6 +239,54 @@ def test_bad_hyperparameters_are_refused(make, error, message):
         make()
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rho": float("nan")},
+        {"rho": np.float32(-0.05)},
+        {"rho": jnp.array(-0.05)},
+        {"rho": float("inf")},
+        {"adaptive": True, "eta": float("nan")},
+        {"adaptive": True, "eta": np.float64(-0.01)},
+    ],
+    ids=[
+        "nan-rho",
+        "numpy-negative-rho",
+        "jax-negative-rho",
+        "inf-rho",
+        "nan-eta",
+        "numpy-negative-eta",
+    ],
+)
+def test_sam_refuses_nan_and_numpy_negative_hyperparameters(kwargs):
+    """Regression: NaN rho turned every parameter into NaN; a NumPy negative rho
+    skipped the check and SAM climbed."""
+    name = "eta" if "eta" in kwargs else "rho"
+    with pytest.raises(ValueError, match=f"`{name}` must be finite and at least 0"):
+        eqx_norm.sam(optax.sgd(0.1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"rho": "0.05"}, TypeError, "rho"),
+        ({"rho": [0.05]}, TypeError, "rho"),
+        ({"rho": np.array([0.05, 0.1])}, TypeError, "`rho` must be a real scalar"),
+        ({"rho": np.complex64(0.05)}, ValueError, "`rho` must be finite"),
+        ({"eta": "0.01"}, TypeError, "eta"),
+    ],
+    ids=["string", "list", "vector", "complex", "string-eta"],
+)
+def test_sam_refuses_hyperparameters_that_are_not_real_scalars(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        eqx_norm.sam(optax.sgd(0.1), **kwargs)
+
+
+def test_sam_accepts_numpy_jax_scalars_and_schedules():
+    for rho in (np.float32(0.05), jnp.array(0.05), optax.linear_schedule(0, 0.1, 5)):
+        eqx_norm.sam(optax.sgd(0.1), rho=rho)
+
+
 def test_update_without_grad_fn_points_to_sam_step():
     opt = eqx_norm.sam(optax.sgd(0.1))
     params = {"w": jnp.ones(3)}
@@ -248,11 +307,6 @@ def test_update_without_params_is_refused():
 loss_fn = mse_loss
 
 
-def _data(key, n=16):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
-
-
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_sam_step_keeps_first_pass_state(approach, getkey):
     rho, lr = 0.05, 0.1
@@ -261,7 +315,7 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
     opt = eqx_norm.sam(base, rho=rho)
     params = eqx.filter(model, eqx.is_inexact_array)
     opt_state = opt.init(params)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))
     new_model, new_state, _, loss = step(model, state, opt_state, x, y)
 
@@ -269,11 +323,9 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
     # of an (eager) forward pass up to rounding.
     plain_step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, base))
     _, plain_state, _, _ = plain_step(model, clone(state), base.init(params), x, y)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(new_state, plain_state)
     _, forward_state = loss_fn(model, clone(state), x, y)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(forward_state)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_close(new_state, forward_state, rtol=1e-6)
     assert int(
         new_state.get(cast(eqx_norm.BatchNorm, model.layers[1]).state_index).counter
     ) == (0 if approach == "frozen" else (16 if approach == "running" else 1))
@@ -289,11 +341,9 @@ def test_sam_step_keeps_first_pass_state(approach, getkey):
     perturbed = jax.tree.map(lambda w, g: w + rho * g / norm, params, g)
     g2 = grad(perturbed)
     expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-6, atol=1e-7
+    )
     np.testing.assert_allclose(loss, jax.jit(loss_at)(params), rtol=1e-6)
 
 
@@ -302,13 +352,8 @@ def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = optax.adam(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    x, y = _data(getkey())
-    passes = []
-
-    def counted(*args):
-        passes.append(1)
-        return loss_fn(*args)
-
+    x, y = regression_data(getkey())
+    counted, passes = counting(loss_fn)
     step = eqx_norm.sam_step(counted, opt)
     eqx.filter_make_jaxpr(lambda m, s, o: step(m, s, o, x, y))(model, state, opt_state)
     assert len(passes) == 1
@@ -328,11 +373,9 @@ def test_sam_step_with_plain_optimizer_is_one_pass(getkey):
 
     updates, _ = opt.update(jax.jit(jax.grad(loss_at))(params), opt_state, params)
     expected = optax.apply_updates(params, updates)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_sam_step_returns_aux(getkey):
@@ -344,7 +387,7 @@ def test_sam_step_returns_aux(getkey):
         pred, state = apply(model, x, state)
         return jnp.mean((pred - y) ** 2), (state, {"pred_mean": jnp.mean(pred)})
 
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     out = eqx.filter_jit(eqx_norm.sam_step(loss_with_aux, opt, has_aux=True))(
         model, state, opt_state, x, y
     )
@@ -353,12 +396,66 @@ def test_sam_step_returns_aux(getkey):
     np.testing.assert_allclose(out[4]["pred_mean"], jnp.mean(pred), rtol=1e-6)
 
 
+def _swapped(model, state, x, y):
+    pred, state = apply(model, x, state)
+    return jnp.mean((pred - y) ** 2), (pred, state)
+
+
+def _bare(model, state, x, y):
+    pred, _ = apply(model, x, state)
+    return jnp.mean((pred - y) ** 2)
+
+
+def _with_aux(model, state, x, y):
+    loss, state = mse_loss(model, state, x, y)
+    return loss, (state, {"loss": loss})
+
+
+def _vector_loss(model, state, x, y):
+    pred, state = apply(model, x, state)
+    return (pred - y) ** 2, state
+
+
+def _integer_loss(model, state, x, y):
+    _, state = apply(model, x, state)
+    return jnp.int32(3), state
+
+
+@pytest.mark.parametrize(
+    "loss_fn, has_aux, message",
+    [
+        (_swapped, True, r"\(loss, \(state, aux\)\).*The state comes first"),
+        (_bare, False, r"\(loss, state\).*returned float32\[\]"),
+        (_with_aux, False, "pass `has_aux=True`"),
+        (mse_loss, True, "leave `has_aux=False`"),
+        (_vector_loss, False, "must be a scalar"),
+        (_integer_loss, False, "must be a scalar of a floating dtype"),
+    ],
+    ids=["swapped", "bare-scalar", "aux-undeclared", "aux-missing", "vector", "int"],
+)
+def test_sam_step_names_loss_fn_for_a_wrong_structure(loss_fn, has_aux, message):
+    """Regression: `(loss, (aux, state))` made the step return the logits as the
+    new state; a bare scalar loss gave 'iteration over a 0-d array'."""
+    model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = regression_data(jax.random.key(1), n=8)
+    step = eqx_norm.sam_step(loss_fn, opt, has_aux=has_aux)
+    with pytest.raises(TypeError, match=f"`loss_fn` must return.*{message}"):
+        eqx.filter_jit(step)(model, state, opt_state, x, y)
+
+
+def test_per_device_perturbation_without_axis_name_is_refused():
+    with pytest.raises(ValueError, match="needs the data axis"):
+        eqx_norm.sam_step(mse_loss, optax.sgd(0.1), per_device_perturbation=True)
+
+
 @pytest.mark.standard_promotion
 def test_vmapped_ensemble_equals_separate_runs(getkey):
     keys = jax.random.split(getkey(), 4)
     opt = eqx_norm.sam(optax.adam(1e-2), rho=0.05)
     step = eqx_norm.sam_step(loss_fn, opt)
-    batches = [_data(getkey()) for _ in range(3)]
+    batches = [regression_data(getkey()) for _ in range(3)]
 
     def init(key):
         model, state = eqx.nn.make_with_state(Net)(key)
@@ -405,7 +502,7 @@ def test_sam_step_refuses_another_optimizers_state(make_opt, other, getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
     opt, wrong = make_opt(), other()
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     before = jax.tree.leaves(clone(state))
     step = eqx_norm.sam_step(loss_fn, opt)
     expected = type(opt.init(params)).__name__
@@ -437,7 +534,7 @@ def test_every_step_mode_works_inside_optax_wrappers(wrapper, kwargs, getkey):
     the same step without the wrapper."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     outs = []
     for opt in (
         eqx_norm.sam(optax.sgd(0.1)),
@@ -458,7 +555,7 @@ def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getke
     plain step."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     kwargs = {"micro_batches": 2, "perturbation": "per-micro-batch"}
     outs = []
     for opt in (
@@ -475,27 +572,22 @@ def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getke
 
 
 def test_a_user_written_variant_on_the_contract(getkey):
-    """The docs' SAM variant in a dozen lines: `eqx_norm.perturbed_gradient` gives it
-    the gradient at `w + rho sign(g)`, by hand and through `sam_step` alike, against
-    the same formula written out."""
+    """The SAM variant in a dozen lines of `eqx_norm.perturbed_gradient`'s
+    docstring, run from there: it gets the gradient at `w + rho sign(g)`, through
+    `sam_step`, against the same formula written out."""
     rho, lr = 0.03, 0.1
-
-    def signed_sam(base):
-        base = optax.with_extra_args_support(base)
-
-        def rule(grads, params):
-            return jax.tree.map(lambda g: rho * jnp.sign(g), grads)
-
-        def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
-            g = eqx_norm.perturbed_gradient(grad_fn, rule, updates, params)
-            return base.update(g, state, params, **extra)
-
-        return optax.GradientTransformationExtraArgs(base.init, update_fn)
+    doc = inspect.getdoc(eqx_norm.perturbed_gradient) or ""
+    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert code is not None
+    namespace: dict[str, Any] = {"eqx_norm": eqx_norm, "optax": optax}
+    namespace |= {"jax": jax, "jnp": jnp}
+    exec(code.group(1), namespace)
+    signed_sam = namespace["signed_sam"]
 
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
-    opt = signed_sam(optax.sgd(lr))
+    x, y = regression_data(getkey())
+    opt = signed_sam(optax.sgd(lr), rho)
     new_model, new_state, _, _ = eqx.filter_jit(eqx_norm.sam_step(loss_fn, opt))(
         model, clone(state), opt.init(params), x, y
     )
@@ -506,16 +598,13 @@ def test_a_user_written_variant_on_the_contract(getkey):
     g = jax.grad(loss_at)(params)
     g2 = jax.grad(loss_at)(jax.tree.map(lambda w, g: w + rho * jnp.sign(g), params, g))
     expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )
     _, plain_state, _, _ = eqx.filter_jit(eqx_norm.sam_step(loss_fn, optax.sgd(lr)))(
         model, clone(state), optax.sgd(lr).init(params), x, y
     )
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(new_state, plain_state)
 
 
 class _FixedPointState(NamedTuple):
@@ -543,13 +632,8 @@ def test_one_pass_at_a_declared_point(getkey):
     opt = optax.chain(
         optax.identity(), optax.GradientTransformation(init_fn, update_fn)
     )
-    x, y = _data(getkey())
-    passes = []
-
-    def counted(*args):
-        passes.append(1)
-        return loss_fn(*args)
-
+    x, y = regression_data(getkey())
+    counted, passes = counting(loss_fn)
     step = eqx_norm.sam_step(counted, opt)
     new_model, new_state, _, loss = eqx.filter_jit(step)(
         model, clone(state), opt.init(params), x, y
@@ -562,10 +646,7 @@ def test_one_pass_at_a_declared_point(getkey):
     )
     expected = jax.tree.map(lambda w, g: w - 0.1 * g, params, g)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(expected_state)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(new_state, expected_state, rtol=1e-6, atol=1e-7)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )

@@ -8,18 +8,28 @@ import pytest
 
 import eqx_norm
 
-from .helpers import MLP, apply, bn_at, clone
+from .helpers import (
+    MLP,
+    apply,
+    assert_same,
+    bn_at,
+    clone,
+    leaves,
+    trained_mlp,
+)
 
 F64 = np.float64
 
 
-def _data(key, n=32, shift=3.0):
+def _inputs(key, n=32, shift=3.0):
+    """Inputs only (no targets) for `MLP`: `n` examples of mean `shift` and
+    standard deviation 2."""
     return shift + 2 * jax.random.normal(key, (n, 4))
 
 
 def _train(model, state, key, steps=3):
     for k in jax.random.split(key, steps):
-        _, state = apply(model, _data(k), state)
+        _, state = apply(model, _inputs(k), state)
     return state
 
 
@@ -30,12 +40,11 @@ def test_set_approach_and_freeze(getkey):
     assert all(
         isinstance(b.approach, eqx_norm.Frozen) for _, b in eqx_norm.batch_norms(frozen)
     )
-    x = _data(getkey())
+    x = _inputs(getkey())
     y_train, new_state = apply(frozen, x, state)
     y_infer, _ = apply(frozen, x, state, inference=True)
     np.testing.assert_allclose(y_train, y_infer, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(new_state, state)
     # `where` picks layers; others keep their approach.
     partial = eqx_norm.set_approach(model, "running", where=lambda b: b.input_size == 5)
     assert isinstance(bn_at(partial, 1).approach, eqx_norm.Batch)
@@ -44,8 +53,6 @@ def test_set_approach_and_freeze(getkey):
     assert jax.tree.structure(s2) == jax.tree.structure(state)
     with pytest.raises(ValueError, match="`where` matched no BatchNorm"):
         eqx_norm.freeze(model, where=lambda b: False)
-    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`.*from_equinox"):
-        eqx_norm.set_approach(eqx.nn.Linear(2, 2, key=getkey()), "frozen")
     with pytest.raises(ValueError, match="Unknown `approach='fozen'`"):
         eqx_norm.set_approach(model, "fozen")
 
@@ -67,12 +74,12 @@ def test_fine_tuning_with_batch_size_one(approach, getkey):
         return model, new_state, value, grads
 
     for _ in range(5):
-        x, y = _data(getkey(), n=1), jax.random.normal(getkey(), (1, 2))
+        x, y = _inputs(getkey(), n=1), jax.random.normal(getkey(), (1, 2))
         model, state, value, grads = step(model, state, x, y)
         assert np.isfinite(value)
         assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     if approach == "frozen":
-        x = _data(getkey(), n=1)
+        x = _inputs(getkey(), n=1)
         y_train, _ = apply(model, x, state)
         y_infer, _ = apply(model, x, state, inference=True)
         np.testing.assert_allclose(y_train, y_infer, rtol=1e-6, atol=1e-6)
@@ -158,7 +165,7 @@ def _layer_inputs(model, x):
 def test_recalibrate_equals_float64_population_statistics(getkey):
     model, state = eqx.nn.make_with_state(MLP)("ema")
     state = _train(model, state, getkey())
-    batches = [_data(getkey(), n=16, shift=float(i)) for i in range(4)]
+    batches = [_inputs(getkey(), n=16, shift=float(i)) for i in range(4)]
     new_state = eqx_norm.recalibrate(model, state, iter(batches))
     for layer, index in ((0, 1), (1, 4)):
         inputs = [_layer_inputs(model, b)[layer] for b in batches]
@@ -172,8 +179,6 @@ def test_recalibrate_equals_float64_population_statistics(getkey):
         assert int(new_state.get(bn_at(model, index).state_index).counter) == 4
     with pytest.raises(ValueError, match="got no batches"):
         eqx_norm.recalibrate(model, state, [])
-    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`"):
-        eqx_norm.recalibrate(eqx.nn.Linear(2, 2, key=getkey()), state, batches)
     bad = batches[0].at[0, 0].set(jnp.nan)
     with pytest.raises(
         ValueError, match=r"batch 1 gave non-finite statistics.*layers\[1\]"
@@ -190,7 +195,7 @@ def test_forum_case_dead_channel_found_and_repaired(getkey):
     bn = bn_at(model, 1)
     stats = state.get(bn.state_index)
     state = state.set(bn.state_index, stats._replace(var=stats.var.at[2].set(5.6e-45)))
-    x = _data(getkey(), n=64)
+    x = _inputs(getkey(), n=64)
     report = eqx_norm.diagnose(model, state, x)
     assert [d.path for d in report.layers] == [".layers.layers[1]", ".layers.layers[4]"]
     assert report[0].dead_channels.tolist() == [2]
@@ -230,8 +235,6 @@ def test_diagnose_gap_equals_measured_gap(approach, getkey):
     xs = np.asarray(x, F64)
     np.testing.assert_allclose(d.batch_mean, xs.mean((0, 2)), rtol=1e-5)
     np.testing.assert_allclose(d.batch_var, xs.var((0, 2)), rtol=1e-4)
-    with pytest.raises(ValueError, match="found no `eqx_norm.BatchNorm`"):
-        eqx_norm.diagnose(eqx.nn.Linear(2, 2, key=getkey()), state, x)
 
 
 def test_diagnose_flags_non_finite_statistics(getkey):
@@ -241,7 +244,7 @@ def test_diagnose_flags_non_finite_statistics(getkey):
     state = state.set(
         bn.state_index, stats._replace(mean=stats.mean.at[1].set(jnp.inf))
     )
-    report = eqx_norm.diagnose(model, state, _data(getkey()))
+    report = eqx_norm.diagnose(model, state, _inputs(getkey()))
     assert report[1].nonfinite_channels.tolist() == [1]
 
 
@@ -263,7 +266,7 @@ def test_tools_name_a_layer_the_model_does_not_call(getkey):
     """The batch statistics come back in the state the model returns; a layer that
     was not called has none, and the tools say which."""
     model, state = eqx.nn.make_with_state(_SkipsSecond)()
-    x = _data(getkey(), n=8)
+    x = _inputs(getkey(), n=8)
     with pytest.raises(ValueError, match=r"layer at '.second' was not called"):
         eqx_norm.diagnose(model, state, x)
     with pytest.raises(ValueError, match=r"layer at '.second' was not called"):
@@ -280,7 +283,7 @@ class _OutputOnly(eqx.Module):
 def test_tools_need_the_model_to_return_its_state(getkey):
     model, state = eqx.nn.make_with_state(MLP)()
     with pytest.raises(ValueError, match=r"`diagnose`.*returned 0 `eqx.nn.State`"):
-        eqx_norm.diagnose(_OutputOnly(model), state, _data(getkey()))
+        eqx_norm.diagnose(_OutputOnly(model), state, _inputs(getkey()))
 
 
 def test_diagnose_of_a_frozen_model_works_with_one_example(getkey):
@@ -289,9 +292,75 @@ def test_diagnose_of_a_frozen_model_works_with_one_example(getkey):
     model, state = eqx.nn.make_with_state(MLP)()
     state = _train(model, state, getkey())
     frozen = eqx_norm.freeze(model)
-    report = eqx_norm.diagnose(frozen, state, _data(getkey(), n=1))
+    report = eqx_norm.diagnose(frozen, state, _inputs(getkey(), n=1))
     assert [d.approach for d in report.layers] == ["Frozen", "Frozen"]
     np.testing.assert_allclose(report[0].gap, 0, atol=1e-6)
+
+
+def test_recalibrate_errors_name_public_things():
+    """Regression: on a frozen model with batch size 1 the error named the
+    internal `_Record()` strategy and advised switching to 'frozen'; layers named
+    "batch" and ("batch",) were told to pass a `forward=` that does not exist."""
+    model, state = trained_mlp()
+    one = jnp.ones((1, 4))
+    for tool, args in (
+        (eqx_norm.recalibrate, (eqx_norm.freeze(model), state, [one])),
+        (eqx_norm.diagnose, (model, state, one)),
+    ):
+        with pytest.raises(ValueError) as info:
+            tool(*args)
+        message = str(info.value)
+        assert "at least 2 examples" in message and tool.__name__ in message
+        assert "_R" not in message and "forward=" not in message
+    # "batch" and ("batch",) are the same axis.
+    x = _inputs(jax.random.key(2), n=16)
+    mixed, mixed_state = _mlp_with_last_axis(("batch",))
+    new_state = eqx_norm.recalibrate(mixed, mixed_state, [x])
+    assert np.all(np.isfinite(bn_at(mixed, 4).statistics(new_state)[1]))
+    other, other_state = _mlp_with_last_axis("other")
+    with pytest.raises(ValueError, match="one `axis_name` for every BatchNorm"):
+        eqx_norm.recalibrate(other, other_state, [x])
+
+
+def _mlp_with_last_axis(axis_name):
+    def build():
+        return eqx.tree_at(
+            lambda m: m.layers.layers[4],
+            MLP(),
+            eqx_norm.BatchNorm(5, axis_name, momentum=0.9),
+            is_leaf=lambda x: isinstance(x, eqx_norm.BatchNorm),
+        )
+
+    return eqx.nn.make_with_state(build)()
+
+
+def test_recalibrate_with_a_non_finite_batch_leaves_the_state():
+    model, state = trained_mlp()
+    before = leaves(state)
+    bad = jnp.ones((8, 4)).at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match="batch 0 gave non-finite statistics"):
+        eqx_norm.recalibrate(model, state, [bad])
+    assert_same(state, before)
+
+
+def test_set_approach_where_matching_nothing():
+    model, _ = trained_mlp()
+    with pytest.raises(ValueError, match="`where` matched no BatchNorm"):
+        eqx_norm.set_approach(model, "ema", where=lambda bn: bn.input_size == 99)
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "diagnose", "set_approach"])
+def test_tools_on_a_model_without_batch_norm(tool):
+    linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    _, state = trained_mlp()
+    call = {
+        "recalibrate": lambda: eqx_norm.recalibrate(linear, state, [jnp.ones((2, 2))]),
+        "diagnose": lambda: eqx_norm.diagnose(linear, state, jnp.ones((2, 2))),
+        "set_approach": lambda: eqx_norm.set_approach(linear, "ema"),
+    }[tool]
+    message = f"`{tool}` found no `eqx_norm.BatchNorm`.*from_equinox"
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
@@ -306,10 +375,6 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
     ):
         np.testing.assert_array_equal(a, b)
 
-    def assert_untouched(m, s, before):
-        for a, b in zip(jax.tree.leaves((m, s)), before):
-            np.testing.assert_array_equal(a, b)
-
     other, other_state = eqx.nn.make_with_state(MLP)("running")
     before = [np.asarray(a) for a in jax.tree.leaves((other, other_state))]
     with pytest.raises(
@@ -318,7 +383,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
         r'approach "batch".*set_approach\(model, "batch"\)',
     ):
         eqx_norm.load(path, other, other_state)
-    assert_untouched(other, other_state, before)
+    assert_same((other, other_state), before)
 
     def mlp_with(index, layer):
         """A fresh MLP, and its state, with `layer` in place of layer `index`."""
@@ -347,15 +412,6 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
     eqx.tree_serialise_leaves(junk, (model, state))
     with pytest.raises(ValueError, match="not a checkpoint written by `eqx_norm.save`"):
         eqx_norm.load(junk, model, state)
-
-
-def _leaves(tree) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree.leaves(tree)]
-
-
-def _assert_unchanged(tree, before):
-    for a, b in zip(_leaves(tree), before, strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 class _Halves(eqx_norm.Approach):
@@ -403,12 +459,12 @@ def test_checkpoint_approach_mismatch_names_approaches_as_written(
     like, like_state = eqx.nn.make_with_state(MLP)(
         model_approach, key=jax.random.key(2)
     )
-    before = _leaves((like, like_state))
+    before = leaves((like, like_state))
     with pytest.raises(ValueError, match=message + r".*; the state stays valid\.$"):
         eqx_norm.load(path, like, like_state)
-    _assert_unchanged((like, like_state), before)
+    assert_same((like, like_state), before)
     like = eqx_norm.set_approach(like, saved)
-    _assert_unchanged(eqx_norm.load(path, like, like_state), _leaves((model, state)))
+    assert_same(eqx_norm.load(path, like, like_state), leaves((model, state)))
 
 
 def test_checkpoint_approach_mismatch_in_some_layers_says_where(tmp_path):
@@ -480,10 +536,10 @@ def test_load_of_a_file_that_is_not_a_checkpoint(content, tmp_path):
     path = tmp_path / "other.eqx"
     path.write_bytes(content)
     model, state = eqx.nn.make_with_state(MLP)()
-    before = _leaves((model, state))
+    before = leaves((model, state))
     with pytest.raises(ValueError, match=r"other\.eqx: not a checkpoint written by"):
         eqx_norm.load(path, model, state)
-    _assert_unchanged((model, state), before)
+    assert_same((model, state), before)
     assert path.read_bytes() == content
     with pytest.raises(IsADirectoryError):
         eqx_norm.load(tmp_path, model, state)
@@ -503,9 +559,9 @@ def test_checkpoint_of_a_folded_model_and_of_non_finite_statistics(tmp_path):
     path = tmp_path / "model.eqx"
     eqx_norm.save(path, model, state)
     loaded = eqx_norm.load(path, *eqx.nn.make_with_state(MLP)())
-    _assert_unchanged(loaded, _leaves((model, state)))
+    assert_same(loaded, leaves((model, state)))
     folded = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(4))])
     empty = eqx.nn.make_with_state(eqx.nn.Identity)()[1]
     eqx_norm.save(path, folded, empty)
     skeleton = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(5))])
-    _assert_unchanged(eqx_norm.load(path, skeleton, empty), _leaves(folded))
+    assert_same(eqx_norm.load(path, skeleton, empty), leaves(folded))
