@@ -1,6 +1,9 @@
-"""The layer's reach: any channel axis, masks for padded input, ghost batches, and
-forward-mode autodiff in training, each against a float64 reference or an
-equivalent computation that does not use the feature."""
+"""BatchNorm's options for the layout of the data: `channel_axis` (channels on
+any axis, e.g. last), `mask` (padded input: statistics of the selected values
+only), `virtual_batch_size` (ghost batches, on one device and under `shard_map`);
+and forward-mode autodiff (`jvp`, `jacfwd`, `linearize`, `hessian`) through a
+training call with each. Every one is checked against a float64 reference or an
+equivalent computation that does not use the option."""
 
 import copy
 
@@ -13,17 +16,12 @@ from jax.sharding import PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import apply, batches, clone, make, with_affine
+from .helpers import apply, assert_close, assert_same, batches, clone, make, with_affine
 from .reference import REFERENCES
 
 F64 = np.float64
 APPROACHES = list(eqx_norm.APPROACHES)
 NEEDS_VARIANCE = {k: v.needs_batch_variance for k, v in eqx_norm.APPROACHES.items()}
-
-
-def _leaves_equal(a, b, **tolerance):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(u, v, **tolerance)
 
 
 def _step_fn(bn, x, state, mask=None, g=None):
@@ -67,7 +65,7 @@ def test_channel_axis_equals_channels_first(approach, shape, channel_axis, getke
         y0, dx0, first_state = _step(first, move(x), first_state, g=move(g))
         np.testing.assert_allclose(move(y), y0, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(move(dx), dx0, rtol=1e-4, atol=1e-5)
-        _leaves_equal(state, first_state, rtol=1e-6, atol=1e-7)
+        assert_close(state, first_state, rtol=1e-6, atol=1e-7)
     y, _ = apply(last, xs[-1], state, inference=True)
     y0, _ = apply(first, move(xs[-1]), first_state, inference=True)
     np.testing.assert_allclose(move(y), y0, rtol=1e-5, atol=1e-5)
@@ -113,7 +111,7 @@ def _masked_reference(approach, steps, rng):
         selected = x[mask]
         if len(selected) < least:
             mean, var = ref.infer()
-            _leaves_equal(state, before, rtol=0, atol=0)
+            assert_same(state, before)
         else:
             mu, v = selected.mean(0), selected.var(0)
             mean, var, *_ = ref.stats(mu, v, len(selected))
@@ -158,7 +156,7 @@ def test_whole_example_mask_equals_dropping_the_examples(getkey):
     y, _, masked_state = _step(bn, x, clone(state), keep)
     y_kept, _, kept_state = _step(bn, x[keep], state)
     np.testing.assert_allclose(y[keep], y_kept, rtol=1e-6, atol=1e-6)
-    _leaves_equal(masked_state, kept_state, rtol=1e-5, atol=1e-6)
+    assert_close(masked_state, kept_state, rtol=1e-5, atol=1e-6)
 
 
 def test_all_true_mask_equals_no_mask(getkey):
@@ -168,7 +166,7 @@ def test_all_true_mask_equals_no_mask(getkey):
     y0, dx0, s0 = _step(bn, x, state)
     np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
-    _leaves_equal(s1, s0, rtol=1e-5, atol=1e-6)
+    assert_close(s1, s0, rtol=1e-5, atol=1e-6)
 
 
 def test_mask_of_the_wrong_shape_or_dtype_is_refused():
@@ -193,7 +191,7 @@ def test_nan_padding_does_not_poison_the_statistics(getkey):
         bn, padded, clone(state), mask, g=jnp.where(mask[..., None], 1.0, 0.0)
     )
     _, _, expected = _step(bn, jnp.where(mask[..., None], x, 0.0), state, mask)
-    _leaves_equal(new_state, expected, rtol=0, atol=0)
+    assert_same(new_state, expected)
     assert np.all(np.isfinite(np.asarray(y)[np.asarray(mask)]))
     del dx
 
@@ -254,7 +252,7 @@ def test_ghost_batch_of_whole_batch_equals_plain(getkey):
     y0, dx0, s0 = _step(plain, x, state)
     np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
-    _leaves_equal(s1, s0, rtol=1e-5, atol=1e-6)
+    assert_close(s1, s0, rtol=1e-5, atol=1e-6)
 
 
 def test_ghost_batches_with_a_mask(getkey):
@@ -328,7 +326,7 @@ def test_ghost_batches_under_shard_map_equal_one_device(getkey):
         y1, dx1, one_new = _step(one, x, one_state, mask)
         np.testing.assert_allclose(y, y1, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dx, dx1, rtol=1e-4, atol=1e-5)
-        _leaves_equal(new_state, one_new, rtol=1e-5, atol=1e-6)
+        assert_close(new_state, one_new, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ forward mode
