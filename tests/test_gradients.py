@@ -8,6 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# The one private module these tests reach into. The layer computes its output with
+# `affine`, a kernel with a hand-written derivative, and there is no public way to
+# give it another: every public path (with or without `channelwise_affine`, any
+# approach) runs through it, since the normalisation itself is folded into its
+# scale and offset. To check that derivative against JAX's autodiff of the same
+# formula, the tests swap `affine` for `_plain_affine` with `monkeypatch` (undone
+# after each use) and differentiate the same layer both ways.
 import eqx_norm._batch_norm as batch_norm_module
 
 from .helpers import apply, batches, make, with_affine
