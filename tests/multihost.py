@@ -53,6 +53,7 @@ def launch(
     devices: int = 4,
     timeout: float = 120,
     heartbeat: int = 30,
+    checked: bool = True,
     folder: Path,
 ) -> list[Process]:
     """Run `worker` in `processes` processes of `devices` CPU devices each, and
@@ -61,7 +62,8 @@ def launch(
 
     `heartbeat` is given to `jax.distributed.initialize` as
     `heartbeat_timeout_seconds` and `shutdown_timeout_seconds`: a process that dies
-    is noticed by the others after about that long.
+    is noticed by the others after about that long. `checked` imports `eqx_norm`
+    under jaxtyping's runtime checks (slower to start).
     """
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -81,6 +83,7 @@ def launch(
             "devices": devices,
             "port": port,
             "heartbeat": heartbeat,
+            "checked": checked,
             "folder": str(folder),
         }
         stderr = open(folder / f"stderr-{i}.txt", "wb")
@@ -170,10 +173,11 @@ def _child(spec: dict[str, Any]) -> None:
         heartbeat_timeout_seconds=spec["heartbeat"],
         shutdown_timeout_seconds=spec["heartbeat"],
     )
-    from jaxtyping import install_import_hook
+    if spec["checked"]:
+        from jaxtyping import install_import_hook
 
-    with install_import_hook("eqx_norm", "beartype.beartype"):
-        import eqx_norm  # noqa: F401
+        with install_import_hook("eqx_norm", "beartype.beartype"):
+            import eqx_norm  # noqa: F401
 
     folder = Path(spec["folder"])
     module, name = spec["worker"].split(":")
