@@ -156,6 +156,15 @@ def mse_loss(model, state, x, y):
     return jnp.mean((pred - y) ** 2), state
 
 
+def one_step(opt, model, state, x, y, **options):
+    """The parameters, state and loss after one jitted `sam_step(mse_loss, opt,
+    **options)` from `model`, a new optimizer state and a copy of `state`."""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, **options))
+    new_model, new_state, _, loss = step(model, clone(state), opt.init(params), x, y)
+    return eqx.filter(new_model, eqx.is_inexact_array), new_state, loss
+
+
 def counting(loss_fn):
     """`loss_fn` wrapped to count its calls, and the list it counts them in (an
     entry a call: traced under `jit`, a pass in the compiled step)."""

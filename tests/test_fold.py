@@ -14,7 +14,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import clone
+from .helpers import assert_same, clone, leaves
 
 APPROACHES = list(eqx_norm.APPROACHES)
 F64 = np.float64
@@ -346,13 +346,13 @@ def test_fold_into_refuses_a_non_batch_norm(getkey):
         eqx_norm.fold_into(layer, layer, eqx.nn.State(layer))
 
 
-def _leaves(tree) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree.leaves(tree)]
-
-
-def _assert_unchanged(tree, before):
-    for a, b in zip(_leaves(tree), before, strict=True):
-        np.testing.assert_array_equal(a, b)
+def _assert_fold_into_refuses(layer, bn, state, message):
+    """`fold_into(layer, bn, state)` raises a `ValueError` matching `message`, and
+    changes none of its arguments."""
+    before = leaves((layer, bn, state))
+    with pytest.raises(ValueError, match=message):
+        eqx_norm.fold_into(layer, bn, state)
+    assert_same((layer, bn, state), before)
 
 
 _OUT_OF_RANGE = [
@@ -370,15 +370,12 @@ def test_fold_into_refuses_a_channel_axis_out_of_range(layer, axis, name, rank, 
     folded as if the channels were on axis 0."""
     layer = layer(getkey())
     bn, state = _bn(4, channel_axis=axis)
-    before = _leaves((layer, state))
-    with pytest.raises(
-        ValueError,
-        match=rf"BatchNorm `eqx_norm\.BatchNorm\(input_size=4, channel_axis={axis}\)` "
+    message = (
+        rf"BatchNorm `eqx_norm\.BatchNorm\(input_size=4, channel_axis={axis}\)` "
         rf"has `channel_axis={axis}`, out of range for the {rank} output of the "
-        rf"{name}",
-    ):
-        eqx_norm.fold_into(layer, bn, state)
-    _assert_unchanged((layer, state), before)
+        rf"{name}"
+    )
+    _assert_fold_into_refuses(layer, bn, state, message)
     # `fold` leaves such a layer in place and says why.
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
         [layer, eqx_norm.BatchNorm(4, "batch", channel_axis=axis)]
@@ -471,14 +468,11 @@ def test_fold_into_refuses_a_zero_variance_with_eps_zero(getkey):
     """With `eps=0` and a zero variance it returned infinite weights."""
     layer = eqx.nn.Linear(3, 4, key=getkey())
     bn, state = _zero_variance()
-    before = _leaves((layer, state))
-    with pytest.raises(
-        ValueError,
-        match=r"`fold_into`: channel 1 of the BatchNorm .* non-finite scale or shift: "
-        r"mean 1\.0, variance 0\.0, `eps=0\.0`.*give the BatchNorm a positive `eps`",
-    ):
-        eqx_norm.fold_into(layer, bn, state)
-    _assert_unchanged((layer, state), before)
+    message = (
+        r"`fold_into`: channel 1 of the BatchNorm .* non-finite scale or shift: "
+        r"mean 1\.0, variance 0\.0, `eps=0\.0`.*give the BatchNorm a positive `eps`"
+    )
+    _assert_fold_into_refuses(layer, bn, state, message)
     # The same layer in a model: `fold` names its path.
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
         [layer, eqx_norm.BatchNorm(4, "batch", eps=0.0)]
@@ -536,10 +530,7 @@ def _set_raw(bn, state, **fields):
 def test_fold_into_refuses_non_finite_statistics(corrupt, message, getkey):
     layer = eqx.nn.Linear(3, 4, key=getkey())
     bn, state = corrupt(*_bn(4))
-    before = _leaves((layer, bn, state))
-    with pytest.raises(ValueError, match=message):
-        eqx_norm.fold_into(layer, bn, state)
-    _assert_unchanged((layer, bn, state), before)
+    _assert_fold_into_refuses(layer, bn, state, message)
 
 
 def test_fold_into_refuses_to_overflow_a_float16_layer(getkey):

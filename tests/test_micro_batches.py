@@ -10,12 +10,16 @@ import pytest
 
 import eqx_norm
 
-from .helpers import Net, clone, mse_loss
-
-
-def _data(key, n=16):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
+from .helpers import (
+    Net,
+    assert_close,
+    assert_same,
+    clone,
+    leaves,
+    mse_loss,
+    one_step,
+    regression_data,
+)
 
 
 def _loss_at(model, params, state, x, y):
@@ -34,22 +38,21 @@ def test_one_micro_batch_is_the_usual_step(kwargs, getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.sam(optax.sgd(0.1))
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     a = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(
         model, clone(state), opt_state, x, y
     )
     b = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, **kwargs))(
         model, state, opt_state, x, y
     )
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(u, v)
+    assert_same(a, b)
 
 
 def test_without_batch_norm_equals_sam_on_the_whole_batch(getkey):
     """No state to thread: the mean of four micro-batch gradients is the whole
     batch's, so the step is SAM on the whole batch, here computed in float64."""
     model, state = eqx.nn.make_with_state(Net)(getkey(), norm=False)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     rho, lr = 0.05, 0.1
     opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -70,11 +73,9 @@ def test_without_batch_norm_equals_sam_on_the_whole_batch(getkey):
         g2 = jax.grad(whole)(jax.tree.map(lambda w, g: w + rho * g / norm, params64, g))
         expected = jax.tree.map(lambda w, g: w - lr * g, params64, g2)
         expected_loss = whole(params64)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
@@ -83,7 +84,7 @@ def test_with_batch_norm_threads_the_state_and_matches_two_passes(getkey):
     parameters are the hand-written two-pass SAM step in which each micro-batch is
     evaluated from the state it saw."""
     model, state = eqx.nn.make_with_state(Net)(getkey(), "running")
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     rho, lr, m = 0.05, 0.1, 4
     opt = eqx_norm.sam(optax.sgd(lr), rho=rho)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -97,8 +98,7 @@ def test_with_batch_norm_threads_the_state_and_matches_two_passes(getkey):
         seen.append(clone(s))
         li, s = mse_loss(model, clone(s), xi, yi)
         losses.append(li)
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(s)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert_close(new_state, s, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-6)
 
     def mean_grad(p):
@@ -112,32 +112,30 @@ def test_with_batch_norm_threads_the_state_and_matches_two_passes(getkey):
     norm = optax.tree.norm(g)
     g2 = mean_grad(jax.tree.map(lambda w, g: w + rho * g / norm, params, g))
     expected = jax.tree.map(lambda w, g: w - lr * g, params, g2)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.standard_promotion  # optax.adam
 def test_plain_optimizer_is_gradient_accumulation(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey(), norm=False)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     opt = optax.adam(1e-2)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     whole = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
     micro = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=2))
     a, _, _, loss_a = whole(model, clone(state), opt_state, x, y)
     b, _, _, loss_b = micro(model, state, opt_state, x, y)
-    arrays = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
-    for u, v in zip(arrays(a), arrays(b), strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    assert_close(
+        eqx.filter(a, eqx.is_array), eqx.filter(b, eqx.is_array), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
 
 
 def test_aux_is_stacked_per_micro_batch(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
 
     def loss_with_aux(model, state, x, y):
         loss, state = mse_loss(model, state, x, y)
@@ -157,7 +155,7 @@ def test_batch_that_does_not_split_is_refused(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = optax.sgd(0.1)
     step = eqx_norm.sam_step(mse_loss, opt, micro_batches=3)
-    x, y = _data(getkey(), n=16)
+    x, y = regression_data(getkey(), n=16)
     with pytest.raises(
         ValueError, match=r"batch of 16 examples.*3 equal micro-batches"
     ):
@@ -182,7 +180,7 @@ def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey
     (from the state it saw), and the base optimizer gets the mean of the gradients
     at the m perturbed points; the state and loss are those of the first pass."""
     model, state = eqx.nn.make_with_state(Net)(getkey(), "running")
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     rho, lr, eta, m = 0.05, 0.1, 0.01, 4
     opt = eqx_norm.sam(optax.sgd(lr), rho=rho, adaptive=adaptive, eta=eta)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -196,8 +194,7 @@ def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey
     whole_model, whole_state, _, whole_loss = whole(
         model, clone(state), opt.init(params), x, y
     )
-    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(whole_state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(new_state, whole_state)
     np.testing.assert_array_equal(loss, whole_loss)
 
     with jax.enable_x64(True):
@@ -216,11 +213,9 @@ def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey
             s = _loss_at(model64, p64, s, xi, yi)[1]
         mean_second = jax.tree.map(lambda *g: sum(g) / m, *second)
         expected = jax.tree.map(lambda w, g: w - lr * g, p64, mean_second)
-    for a, b in zip(
-        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
-        jax.tree.leaves(expected),
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )
     # Not the whole-batch step: the two perturbations differ.
     first = jax.tree.leaves(eqx.filter(whole_model, eqx.is_inexact_array))[0]
     assert not np.allclose(first, jax.tree.leaves(expected)[0], rtol=1e-6)
@@ -233,37 +228,27 @@ def test_per_micro_batch_with_a_plain_optimizer_is_gradient_accumulation(getkey)
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = optax.sgd(0.1)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     outs = [
         eqx.filter_jit(
             eqx_norm.sam_step(mse_loss, opt, micro_batches=2, perturbation=mode)
         )(model, clone(state), opt_state, x, y)
         for mode in ("whole-batch", "per-micro-batch")
     ]
-    for u, v in zip(*map(jax.tree.leaves, outs)):
-        np.testing.assert_array_equal(u, v)
+    assert_same(*outs)
 
 
 def test_per_micro_batch_looksam_every_step_equals_sam(getkey):
     """LookSAM perturbing on every step is SAM, per micro-batch too: its rule goes
     through the same contract, inside its `lax.cond`."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
-    params = eqx.filter(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
-    outs = []
-    for opt in (
-        eqx_norm.sam(optax.sgd(0.1)),
-        eqx_norm.looksam(optax.sgd(0.1), every=1),
-    ):
-        step = eqx_norm.sam_step(
-            mse_loss, opt, micro_batches=4, perturbation="per-micro-batch"
-        )
-        new_model, new_state, _, loss = eqx.filter_jit(step)(
-            model, clone(state), opt.init(params), x, y
-        )
-        outs.append((eqx.filter(new_model, eqx.is_inexact_array), new_state, loss))
-    for u, v in zip(*map(jax.tree.leaves, outs)):
-        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    x, y = regression_data(getkey())
+    kwargs = {"micro_batches": 4, "perturbation": "per-micro-batch"}
+    sam = one_step(eqx_norm.sam(optax.sgd(0.1)), model, state, x, y, **kwargs)
+    looksam = eqx_norm.looksam(optax.sgd(0.1), every=1)
+    assert_close(
+        one_step(looksam, model, state, x, y, **kwargs), sam, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_per_micro_batch_refuses_an_optimizer_that_picks_its_own_point(getkey):
@@ -278,15 +263,14 @@ def test_per_micro_batch_refuses_an_optimizer_that_picks_its_own_point(getkey):
         own_point,  # pyright: ignore[reportArgumentType]
     )
     model, state = eqx.nn.make_with_state(Net)(getkey())
-    before = jax.tree.leaves(clone(state))
+    before = leaves(state)
     step = eqx_norm.sam_step(
         mse_loss, opt, micro_batches=2, perturbation="per-micro-batch"
     )
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     with pytest.raises(ValueError, match="perturbed_gradient"):
         step(model, state, optax.EmptyState(), x, y)
-    for a, b in zip(before, jax.tree.leaves(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(state, before)
 
 
 def test_micro_batches_accepts_numpy_integers(getkey):
@@ -295,7 +279,7 @@ def test_micro_batches_accepts_numpy_integers(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.sam(optax.sgd(0.1))
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     outs = [
         eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=m))(
             model, clone(state), opt_state, x, y
@@ -303,8 +287,7 @@ def test_micro_batches_accepts_numpy_integers(getkey):
         for m in (2, np.int64(2), np.uint8(2))
     ]
     for other in outs[1:]:
-        for u, v in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other)):
-            np.testing.assert_array_equal(u, v)
+        assert_same(outs[0], other)
 
 
 def test_micro_batches_refuse_arrays_of_different_lengths(getkey):
@@ -313,13 +296,12 @@ def test_micro_batches_refuse_arrays_of_different_lengths(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.sam(optax.sgd(0.1))
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    x, y = _data(getkey(), n=8)
-    before = jax.tree.leaves(clone(state))
+    x, y = regression_data(getkey(), n=8)
+    before = leaves(state)
     step = eqx_norm.sam_step(mse_loss, opt, micro_batches=2)
     with pytest.raises(ValueError, match=r"different leading sizes \[2, 8\]"):
         step(model, state, opt_state, x, y[:2])
-    for a, b in zip(before, jax.tree.leaves(state)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(state, before)
 
 
 def test_unknown_perturbation_is_refused():
