@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
+def start(
     worker: str,
     args: dict[str, Any] | None = None,
     *,
@@ -55,10 +56,11 @@ def launch(
     heartbeat: int = 30,
     checked: bool = True,
     folder: Path,
-) -> list[Process]:
-    """Run `worker` in `processes` processes of `devices` CPU devices each, and
-    return them in process order once all have ended (or `timeout` seconds have
-    passed: those still running are killed by their pid).
+) -> Callable[[], list[Process]]:
+    """Start `worker` in `processes` processes of `devices` CPU devices each, and
+    return the function that waits for them: it returns them in process order once
+    all have ended (or `timeout` seconds after the start: those still running are
+    then killed by their pid). Their end times are those seen while waiting.
 
     `heartbeat` is given to `jax.distributed.initialize` as
     `heartbeat_timeout_seconds` and `shutdown_timeout_seconds`: a process that dies
@@ -101,6 +103,18 @@ def launch(
             )
         )
     deadline = time.monotonic() + timeout
+    return lambda: _wait(children, deadline, folder)
+
+
+def launch(*args: Any, **kwargs: Any) -> list[Process]:
+    """`start(...)`, then wait for the processes."""
+    return start(*args, **kwargs)()
+
+
+def _wait(
+    children: list[tuple[subprocess.Popen, Any]], deadline: float, folder: Path
+) -> list[Process]:
+    processes = len(children)
     ended: dict[int, float] = {}
     try:
         while len(ended) < processes and time.monotonic() < deadline:

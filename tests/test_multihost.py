@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import eqx_norm
 
 from .helpers import mse_loss
-from .multihost import ROOT, launch, note, results
+from .multihost import ROOT, launch, note, results, start
 
 APPROACHES = list(eqx_norm.APPROACHES)
 
@@ -234,8 +234,11 @@ def _assert_close(got, want, name):
 def test_two_processes_equal_one(tmp_path):
     """Two processes of four devices give the numbers of one process of eight, for
     every approach, recipe and option over 3 SAM steps, and for the tools."""
-    launched = results(launch(f"{__name__}:train", folder=tmp_path))
-    want = train({})
+    wait = start(f"{__name__}:train", folder=tmp_path)
+    try:
+        want = train({})  # while they run
+    finally:
+        launched = results(wait())
     assert want["shard_batch"]["errors"] == [
         "A global batch of 12 does not split evenly over 8 devices (mesh axis "
         "'data'); use a batch size that is a multiple of 8, e.g. 16.",
