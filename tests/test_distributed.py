@@ -24,6 +24,7 @@ from .helpers import (
     clone,
     make,
     mse_loss,
+    regression_data,
     train_step,
     with_affine,
 )
@@ -201,11 +202,6 @@ def net(axis_name, key, norm=True):
 loss_fn = mse_loss
 
 
-def _data(key, n=32):
-    kx, ky = jax.random.split(key)
-    return 1 + 2 * jax.random.normal(kx, (n, 4)), jax.random.normal(ky, (n, 2))
-
-
 def _params(model):
     return jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
 
@@ -257,7 +253,7 @@ def test_sam_with_sync_batch_norm_equals_one_device(style, getkey):
     model, state = eqx_norm.replicate((model, state), m)
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     for _ in range(5):
-        x, y = _data(getkey())
+        x, y = regression_data(getkey(), n=32)
         ref, ref_state, ref_opt, ref_loss = ref_step(ref, ref_state, ref_opt, x, y)
         xs, ys = eqx_norm.shard_batch((x, y), m)
         assert xs.sharding.is_equivalent_to(data, 2)
@@ -288,7 +284,7 @@ def test_per_device_perturbation_equals_per_shard_reference(getkey):
         return loss_fn(eqx.combine(p, static), clone(state), x, y)[0]
 
     for _ in range(3):
-        x, y = _data(getkey())
+        x, y = regression_data(getkey(), n=32)
         params, state, opt_state, _ = mapped(params, state, opt_state, x, y)
         second = []
         for d in range(8):
@@ -340,7 +336,7 @@ def test_micro_batches_inside_shard_map_equal_one_device(mode, getkey):
     # Row 4d + 2i + j (device d, micro-batch i, example j) to row 16i + 2d + j.
     order = np.arange(32).reshape(8, 2, 2).transpose(1, 0, 2).reshape(-1)
     for _ in range(2):
-        x, y = _data(getkey())
+        x, y = regression_data(getkey(), n=32)
         params, state, opt_state, loss = mapped(params, state, opt_state, x, y)
         if not per:
             x, y = x[order], y[order]

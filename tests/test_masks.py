@@ -7,12 +7,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import MLP, clone, mse_loss
-
-
-def _data(key, n=16):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
+from .helpers import MLP, clone, mse_loss, regression_data
 
 
 def _every_kind(key):
@@ -103,7 +98,7 @@ def test_sam_on_against_the_formula(adaptive, getkey):
     rho, lr, eta = 0.3, 0.1, 0.01
     model, state = eqx.nn.make_with_state(MLP)(key=getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     opt = eqx_norm.sam(
         optax.sgd(lr),
         rho=rho,
@@ -194,7 +189,7 @@ def test_the_callable_equals_the_mask_it_makes(make, step_options, getkey):
     perturbing everything."""
     model, state = eqx.nn.make_with_state(MLP)(key=getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
-    x, y = _data(getkey())
+    x, y = regression_data(getkey())
     outs = []
     for mask in (
         eqx_norm.normalisation_mask,

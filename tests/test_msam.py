@@ -9,7 +9,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import Net, clone, mse_loss
+from .helpers import Net, clone, counting, mse_loss, regression_data
 
 # The closed-form loss of tests/test_sam.py: L(w) = sum(c w^2 / 2 + d w^4 / 4).
 SHAPES = {"a": (4, 3), "b": (3,), "c": (2, 2, 2)}
@@ -154,11 +154,6 @@ def test_rho_schedule_is_evaluated_at_the_step_that_takes_the_gradient(getkey):
 # ---------------------------------------------------------------- sam_step
 
 
-def _data(key, n=16):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, 4)) * 2 + 1, jax.random.normal(ky, (n, 2))
-
-
 def test_one_pass_per_step_at_the_perturbed_point(getkey):
     """Through `sam_step`: one forward and backward pass per step, at `w + e`; the
     BatchNorm state is that of a plain step at the perturbed point; the parameters
@@ -168,12 +163,7 @@ def test_one_pass_per_step_at_the_perturbed_point(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt = eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=rho)
-    passes = []
-
-    def counted(*args):
-        passes.append(1)
-        return mse_loss(*args)
-
+    counted, passes = counting(mse_loss)
     step = eqx.filter_jit(eqx_norm.sam_step(counted, opt))
     plain = eqx.filter_jit(eqx_norm.sam_step(mse_loss, optax.sgd(lr)))
     grad_at = eqx.filter_jit(
@@ -184,7 +174,7 @@ def test_one_pass_per_step_at_the_perturbed_point(getkey):
     opt_state = opt.init(params)
     buf = jax.tree.map(jnp.zeros_like, params)
     for t in range(3):
-        x, y = _data(getkey())
+        x, y = regression_data(getkey())
         at = eqx.combine(eqx_norm.pass_point(opt_state, params), static)
         if t == 0:
             assert eqx.tree_equal(at, model)  # no momentum yet: no perturbation
@@ -229,7 +219,7 @@ def test_rho_zero_is_the_base_optimizer_bit_for_bit(base, getkey):
         trio = (model, clone(state), opt.init(params))
         keys = iter(jax.random.split(jax.random.key(3), 5))
         for _ in range(5):
-            *trio, _ = step(*trio, *_data(next(keys)))
+            *trio, _ = step(*trio, *regression_data(next(keys)))
         runs.append(trio[:2])
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_array_equal(a, b)
