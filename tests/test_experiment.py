@@ -1,4 +1,5 @@
 import json
+import shlex
 from pathlib import Path
 
 import equinox as eqx
@@ -666,35 +667,38 @@ def test_benchmark_batch_without_variance_or_ghost_batches_failed_late(
     _bench_refused(models.parse_args, ["--batch", "1"], "--batch", capsys, "below 2")
 
 
+# Command lines each script refuses (as typed in a shell); the error names the first
+# flag.
 @pytest.mark.parametrize(
-    "script, argv, flag",
+    "script, command",
     [
-        ("bench_batch_norm", ["--rounds", "0"], "--rounds"),
-        ("bench_batch_norm", ["--calls", "-1"], "--calls"),
-        ("bench_batch_norm", ["--shapes", "64,0"], "--shapes"),
-        ("bench_batch_norm", ["--shapes", "64,,512"], "--shapes"),
-        ("bench_batch_norm", ["--shapes", ""], "--shapes"),
-        ("bench_batch_norm", ["--shapes", "64,512", "64,512"], "--shapes"),
-        ("bench_batch_norm", ["--shapes", "65536,65536"], "--shapes"),
-        ("bench_batch_norm", ["--rounds", "1e3"], "--rounds"),
-        ("list_kernels", ["--shape", "64,x"], "--shape"),
-        ("list_kernels", ["--dtype", "float16"], "--dtype"),
-        ("list_kernels", ["--hlo", "/nonexistent"], "--hlo"),
-        ("list_kernels", ["--hlo", "tests/test_experiment.py"], "--hlo"),
-        ("bench_models", ["--models", "mlp", "mlp"], "--models"),
-        ("bench_models", ["--models", "vgg"], "--models"),
-        ("bench_models", ["--compiles", "0"], "--compiles"),
-        ("bench_models", ["--batch", "nan"], "--batch"),
-        ("bench_training", ["--rounds", "-3"], "--rounds"),
-        ("bench_fold", ["--rounds", "0"], "--rounds"),
+        ("bench_batch_norm", "--rounds 0"),
+        ("bench_batch_norm", "--calls -1"),
+        ("bench_batch_norm", "--shapes 64,0"),
+        ("bench_batch_norm", "--shapes 64,,512"),
+        ("bench_batch_norm", "--shapes ''"),
+        ("bench_batch_norm", "--shapes 64,512 64,512"),
+        ("bench_batch_norm", "--shapes 65536,65536"),
+        ("bench_batch_norm", "--rounds 1e3"),
+        ("list_kernels", "--shape 64,x"),
+        ("list_kernels", "--dtype float16"),
+        ("list_kernels", "--hlo /nonexistent"),
+        ("list_kernels", "--hlo tests/test_experiment.py"),
+        ("bench_models", "--models mlp mlp"),
+        ("bench_models", "--models vgg"),
+        ("bench_models", "--compiles 0"),
+        ("bench_models", "--batch nan"),
+        ("bench_training", "--rounds -3"),
+        ("bench_fold", "--rounds 0"),
     ],
 )
 def test_benchmark_flags_refuse_zero_negative_and_malformed_values(
-    script, argv, flag, monkeypatch, capsys
+    script, command, monkeypatch, capsys
 ):
     module = _benchmark(script, monkeypatch)
     parse = getattr(module, "parse_args", None) or module.parser().parse_args
-    _bench_refused(parse, argv, flag, capsys)
+    argv = shlex.split(command)
+    _bench_refused(parse, argv, argv[0], capsys)
 
 
 @pytest.mark.parametrize(
