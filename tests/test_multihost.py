@@ -76,7 +76,10 @@ def _mesh():
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
-def _data(t, n=32):
+def _step_data(t, n=32):
+    """The global batch of step `t` (what `helpers.regression_data` draws, but from
+    NumPy seeded by the step): each process builds the same one on its host, with
+    no key to share."""
     rng = np.random.default_rng(t)
     x = 1 + 2 * rng.standard_normal((n, 4), np.float32)
     return x, rng.standard_normal((n, 2), np.float32)
@@ -115,7 +118,7 @@ def _jit_recipe(n=32, **layer):
     step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
     losses = []
     for t in range(3):
-        x, y = _data(t, n)
+        x, y = _step_data(t, n)
         x, y = eqx_norm.shard_batch((_rows(x), _rows(y)), mesh, process_local=True)
         model, state, opt_state, loss = step(model, state, opt_state, x, y)
         losses.append(float(loss))
@@ -150,7 +153,7 @@ def _shard_map_recipe(approaches=APPROACHES, **options):
     params, state, opt_state = eqx_norm.replicate((params, state, opt_state), mesh)
     losses = []
     for t in range(3):
-        x, y = eqx_norm.shard_batch(_data(t), mesh)
+        x, y = eqx_norm.shard_batch(_step_data(t), mesh)
         params, state, opt_state, loss = step(params, state, opt_state, x, y)
         losses.append(float(loss))
     return {"loss": losses, "leaves": _host((params, state))}
@@ -161,7 +164,7 @@ def _tools():
     mesh = _mesh()
     model, state = eqx.nn.make_with_state(AllApproaches)(approaches=("batch", "ema"))
     model, state = eqx_norm.replicate((model, state), mesh)
-    batches = [eqx_norm.shard_batch(_data(t)[0], mesh) for t in range(2)]
+    batches = [eqx_norm.shard_batch(_step_data(t)[0], mesh) for t in range(2)]
     state = eqx_norm.recalibrate(model, state, batches)
     report = eqx_norm.diagnose(model, state, batches[0])
     fields = ("batch_mean", "batch_var", "running_mean", "running_var", "gap")
@@ -178,7 +181,7 @@ def _shard_batch_checks():
     """Each process's rows make the global batch; rows that do not fit are an error
     on every process, not a hang."""
     mesh = _mesh()
-    x, y = _data(0)
+    x, y = _step_data(0)
     local = eqx_norm.shard_batch((_rows(x), _rows(y)), mesh, process_local=True)
     whole = eqx_norm.shard_batch((x, y), mesh)
     same = all(
