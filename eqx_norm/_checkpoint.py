@@ -1,9 +1,7 @@
 import dataclasses
 import json
 import os
-import re
 import secrets
-import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -12,11 +10,20 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 from jaxtyping import PyTree
 
 from ._approaches import APPROACHES
+from ._checkpoint_processes import (
+    describe_leaf,
+    local_copy,
+    on_process_zero,
+    place_like,
+    read_arrays,
+    split_across_processes,
+    tidy,
+    valid_arrays_header,
+    write_arrays,
+)
 from ._walk import batch_norms
 
 _FORMAT = "eqx_norm-checkpoint"
@@ -99,24 +106,24 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
     if jax.process_count() == 1:
         _write(path, header, (model, state))
-        _tidy(path, keep=None)
+        tidy(path, keep=None)
         return
     leaves = jax.tree.leaves((model, state))
-    if not any(_split_across_processes(x) for x in leaves):
+    if not any(split_across_processes(x) for x in leaves):
         # Every array is whole on every process: process 0 writes the one file.
-        local = jax.tree.map(_local_copy, (model, state))
-        _on_process_zero(lambda: (_write(path, header, local), _tidy(path, keep=None)))
+        local = jax.tree.map(local_copy, (model, state))
+        on_process_zero(lambda: (_write(path, header, local), tidy(path, keep=None)))
         return
-    folder = _on_process_zero(lambda: _new_folder(path))
+    folder = on_process_zero(lambda: _new_folder(path))
     arrays = [x for x in leaves if eqx.is_array_like(x)]
-    _write_arrays(path.parent, folder, arrays)
+    write_arrays(path.parent, folder, arrays)
     header = {
         **header,
         "version": _SHARDED,
         "arrays": folder,
-        "leaves": [_describe_leaf(x) for x in arrays],
+        "leaves": [describe_leaf(x) for x in arrays],
     }
-    _on_process_zero(lambda: (_write(path, header, None), _tidy(path, keep=folder)))
+    on_process_zero(lambda: (_write(path, header, None), tidy(path, keep=folder)))
 
 
 def _write(path: Path, header: dict[str, Any], tree: PyTree | None) -> None:
@@ -212,7 +219,7 @@ def _read_header(path: Path, line: bytes) -> tuple[list[dict[str, Any]], int, di
     paths = [layer["path"] for layer in layers]
     if len(set(paths)) != len(paths):
         raise fault("the header lists a layer twice")
-    if version == _SHARDED and not _valid_sharded_header(header):
+    if version == _SHARDED and not valid_arrays_header(header):
         raise fault("the header's `arrays` or `leaves` is missing or malformed")
     return layers, version, header
 
@@ -276,7 +283,7 @@ def load(
                         "Build the model with the saved settings."
                     )
         if version == _SHARDED:
-            return _read_arrays(path, header, (model, state))
+            return read_arrays(path, header, (model, state))
         try:
             loaded = eqx.tree_deserialise_leaves(f, (model, state))
         except (RuntimeError, ValueError) as e:
@@ -285,7 +292,7 @@ def load(
             ) from e
     if jax.process_count() == 1:
         return loaded
-    return jax.tree.map(_place_like, loaded, (model, state))
+    return jax.tree.map(place_like, loaded, (model, state))
 
 
 def _approach_name(key: str, text: str) -> str:
@@ -334,206 +341,8 @@ def _approach_mismatch(
     )
 
 
-# ---------------------------------------------------------------- several processes
-# A checkpoint is written by every process together: each step that can fail is
-# run where it must (on process 0, or on all), and its outcome is shared with one
-# small all-gather before any process goes on, so that a failure is the same error
-# on every process rather than some processes waiting for the others forever.
-
-_OUTCOME_BYTES = 4096
-_ERRORS = {
-    e.__name__: e
-    for e in (
-        FileNotFoundError,
-        IsADirectoryError,
-        PermissionError,
-        OSError,
-        ValueError,
-        TypeError,
-        ImportError,
-    )
-}
-
-
-def _share(outcome: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every process's outcome, in process order (a collective: every process must
-    call it)."""
-    data = json.dumps(outcome).encode()[:_OUTCOME_BYTES]
-    buffer = np.frombuffer(data.ljust(_OUTCOME_BYTES), np.uint8)
-    every = multihost_utils.process_allgather(buffer)
-    return [json.loads(bytes(row).decode(errors="replace")) for row in every]
-
-
-def _run(fn, here: bool) -> tuple[Any, BaseException | None, dict[str, Any]]:
-    if not here:
-        return None, None, {}
-    try:
-        value = fn()
-        return value, None, {"value": value}
-    except BaseException as e:  # a KeyboardInterrupt too: the others must hear of it
-        return None, e, {"error": type(e).__name__, "message": str(e)[:800]}
-
-
-def _raise_first_error(outcomes: list[dict[str, Any]], mine: BaseException | None):
-    if mine is not None:
-        raise mine
-    for p, outcome in enumerate(outcomes):
-        if "error" in outcome:
-            name, message = outcome["error"], outcome["message"]
-            if name in _ERRORS:
-                raise _ERRORS[name](f"{message} (on process {p})")
-            raise RuntimeError(f"a checkpoint failed on process {p}: {name}: {message}")
-
-
-def _on_process_zero(fn) -> Any:
-    """`fn()` run on process 0; its value on every process, or its error raised on
-    every process."""
-    value, error, outcome = _run(fn, jax.process_index() == 0)
-    outcomes = _share(outcome)
-    _raise_first_error(outcomes, error)
-    return outcomes[0]["value"] if value is None else value
-
-
-def _split_across_processes(x: Any) -> bool:
-    """Whether no process holds all of `x`."""
-    return (
-        isinstance(x, jax.Array)
-        and not x.is_fully_addressable
-        and not x.is_fully_replicated
-    )
-
-
-def _local_copy(x: Any) -> Any:
-    """This process's copy of an array replicated over processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return x.addressable_data(0)
-    return x
-
-
-def _place_like(loaded: Any, like: Any) -> Any:
-    """A loaded leaf, placed as the leaf it replaces where that spans processes."""
-    if isinstance(like, jax.Array) and not like.is_fully_addressable:
-        return jax.device_put(loaded, like.sharding)
-    return loaded
-
-
-def _arrays_pattern(path: Path) -> re.Pattern[str]:
-    # The folder, and the temporary folder Orbax writes it in.
-    return re.compile(re.escape(path.name) + r"\.[0-9a-f]{16}\.orbax(\..*)?")
-
-
 def _new_folder(path: Path) -> str:
     """A new name for the arrays of the checkpoint at `path`, after checking that
     `path` can be written."""
     _mode_for(path)
     return f"{path.name}.{secrets.token_hex(8)}.orbax"
-
-
-def _tidy(path: Path, keep: str | None) -> None:
-    """Remove the array folders of earlier checkpoints at `path` (of saves that were
-    replaced, failed or killed), all but `keep`."""
-    pattern = _arrays_pattern(path)
-    for entry in path.parent.iterdir():
-        if entry.name != keep and pattern.fullmatch(entry.name) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _describe_leaf(x: Any) -> dict[str, Any]:
-    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
-    return {"shape": list(np.shape(x)), "dtype": np.dtype(dtype).name}
-
-
-def _valid_sharded_header(header: dict[str, Any]) -> bool:
-    arrays, leaves = header.get("arrays"), header.get("leaves")
-    return (
-        isinstance(arrays, str)
-        and re.fullmatch(r"[^/\\]+\.[0-9a-f]{16}\.orbax", arrays) is not None
-        and not arrays.startswith(".")
-        and isinstance(leaves, list)
-        and all(
-            isinstance(leaf, dict)
-            and isinstance(leaf.get("dtype"), str)
-            and isinstance(leaf.get("shape"), list)
-            and all(
-                isinstance(n, int) and not isinstance(n, bool) for n in leaf["shape"]
-            )
-            for leaf in leaves
-        )
-    )
-
-
-def _orbax():
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError as e:
-        raise ImportError(
-            "`eqx_norm.save` and `eqx_norm.load` of arrays sharded across processes "
-            "read and write them with Orbax, which is not installed: "
-            "`pip install 'eqx_norm[distributed]'` (or `orbax-checkpoint`)."
-        ) from e
-    return ocp
-
-
-def _write_arrays(parent: Path, folder: str, arrays: list[Any]) -> None:
-    """Write the arrays to a new Orbax folder, from every process; on failure
-    anywhere, what was written of it is removed and every process raises."""
-
-    def write():
-        ocp = _orbax()
-        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-        try:
-            tree = {str(i): x for i, x in enumerate(arrays)}
-            checkpointer.save(parent / folder, args=ocp.args.StandardSave(tree))
-        finally:
-            checkpointer.close()
-
-    _, error, outcome = _run(write, True)
-    outcomes = _share(outcome)
-    if any("error" in o for o in outcomes):
-
-        def remove():
-            for entry in parent.iterdir():
-                if entry.name == folder or entry.name.startswith(folder + "."):
-                    shutil.rmtree(entry, ignore_errors=True)
-
-        _on_process_zero(remove)  # before any process raises
-        _raise_first_error(outcomes, error)
-
-
-def _read_arrays(path: Path, header: dict[str, Any], tree: PyTree) -> PyTree:
-    """The leaves of `tree`, read from the Orbax folder named in the header, each
-    array with the sharding of the one it replaces."""
-    leaves, treedef = jax.tree.flatten(tree)
-    where = [i for i, x in enumerate(leaves) if eqx.is_array_like(x)]
-    saved = header["leaves"]
-    have = [_describe_leaf(leaves[i]) for i in where]
-    if have != saved:
-        if len(have) != len(saved):
-            what = f"{len(saved)} arrays were saved, this model has {len(have)}"
-        else:
-            k = next(k for k, (a, b) in enumerate(zip(have, saved)) if a != b)
-            what = f"array {k} was saved as {saved[k]}, this model has {have[k]}"
-        raise ValueError(f"{path}: does not match this model's structure: {what}.")
-    folder = path.parent / header["arrays"]
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{path}: its arrays are in the folder {str(folder)!r}, which is "
-            "missing; a checkpoint of arrays sharded across processes is the file "
-            "and that folder beside it: copy them together."
-        )
-
-    def target(x):
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return x
-
-    ocp = _orbax()
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    try:
-        wanted = {str(k): target(leaves[i]) for k, i in enumerate(where)}
-        restored = checkpointer.restore(folder, args=ocp.args.StandardRestore(wanted))
-    finally:
-        checkpointer.close()
-    for k, i in enumerate(where):
-        leaves[i] = restored[str(k)]
-    return jax.tree.unflatten(treedef, leaves)
