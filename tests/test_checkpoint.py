@@ -1,9 +1,10 @@
-"""`eqx_norm.save` and `eqx_norm.load` given what goes wrong: a save that fails
-part-way keeps the previous file, and a malformed, truncated or missing file is
-refused by name with the model and the file unchanged. (The round trip and the
-mismatch messages are in `test_tools.py`.)"""
+"""`eqx_norm.save` and `eqx_norm.load`: the round trip, the mismatches they refuse
+by name, and what goes wrong: a save that fails part-way keeps the previous file,
+and a malformed, truncated or missing file is refused by name with the model and
+the file unchanged. (Several processes: `test_multihost.py`.)"""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import eqx_norm
 
-from .helpers import MLP, assert_same, leaves, trained_mlp
+from .helpers import MLP, assert_same, bn_at, leaves, trained_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,3 +171,201 @@ def test_checkpoint_compares_approaches_by_value(tmp_path):
     path.write_bytes(json.dumps(old).encode() + b"\n" + rest)
     like = eqx.nn.make_with_state(MLP)(eqx_norm.Renorm())
     assert_same(eqx_norm.load(path, *like), (model, state))
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path, getkey):
+    model, state = trained_mlp()
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like_model, like_state = eqx.nn.make_with_state(MLP)(key=getkey())
+    loaded_model, loaded_state = eqx_norm.load(path, like_model, like_state)
+    for a, b in zip(
+        jax.tree.leaves((loaded_model, loaded_state)), jax.tree.leaves((model, state))
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    other, other_state = eqx.nn.make_with_state(MLP)("running")
+    before = [np.asarray(a) for a in jax.tree.leaves((other, other_state))]
+    with pytest.raises(
+        ValueError,
+        match=r"at '\.layers\.layers\[1\]' was saved with "
+        r'approach "batch".*set_approach\(model, "batch"\)',
+    ):
+        eqx_norm.load(path, other, other_state)
+    assert_same((other, other_state), before)
+
+    def mlp_with(index, layer):
+        """A fresh MLP, and its state, with `layer` in place of layer `index`."""
+
+        class Changed(MLP):
+            def __init__(self):
+                super().__init__()
+                self.layers = eqx.tree_at(lambda s: s.layers[index], self.layers, layer)
+
+        return eqx.nn.make_with_state(Changed)()
+
+    wide, wide_state = mlp_with(4, eqx_norm.BatchNorm(7, "batch", momentum=0.9))
+    with pytest.raises(
+        ValueError, match=r"layers\[4\]' was saved with input_size=5.*input_size=7"
+    ):
+        eqx_norm.load(path, wide, wide_state)
+
+    half, half_state = mlp_with(
+        1, eqx_norm.BatchNorm(6, "batch", momentum=0.9, dtype=jnp.float16)
+    )
+    with pytest.raises(
+        ValueError, match="parameter_dtype='float32'.*parameter_dtype='float16'"
+    ):
+        eqx_norm.load(path, half, half_state)
+    junk = tmp_path / "junk.eqx"
+    eqx.tree_serialise_leaves(junk, (model, state))
+    with pytest.raises(ValueError, match="not a checkpoint written by `eqx_norm.save`"):
+        eqx_norm.load(junk, model, state)
+
+
+class _Halves(eqx_norm.Approach):
+    """A user's own approach (the README's), for checkpoint messages."""
+
+    def train(self, batch, running, momentum, eps):
+        new = eqx_norm.RunningStats(batch.mean, batch.var, running.counter + 1)
+        return batch.mean, batch.var, new
+
+
+@pytest.mark.parametrize(
+    "saved, model_approach, message",
+    [
+        ("batch", "ema", r'approach "batch", but this model has approach "ema"'),
+        (
+            eqx_norm.Renorm(),
+            eqx_norm.Renorm(r_max=4),
+            r'approach "renorm", but this model has approach '
+            r"eqx_norm\.Renorm\(r_max=4\)",
+        ),
+        (
+            eqx_norm.Running(max_count=9),
+            "batch",
+            r"approach eqx_norm\.Running\(max_count=9\), but this model has "
+            r'approach "batch".*set_approach\(model, eqx_norm\.Running\(max_count=9\)',
+        ),
+        (
+            _Halves(),
+            "frozen",
+            r'approach _Halves, but this model has approach "frozen".*'
+            r"set_approach\(model, _Halves\(\)\)",
+        ),
+    ],
+    ids=["names", "non-default", "built-in-object", "own-class"],
+)
+def test_checkpoint_approach_mismatch_names_approaches_as_written(
+    saved, model_approach, message, tmp_path
+):
+    """It said `approach='Batch()'` (a repr no user writes) and offered two fixes;
+    the one it now gives is checked to work."""
+    model, state = trained_mlp(saved)
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like, like_state = eqx.nn.make_with_state(MLP)(
+        model_approach, key=jax.random.key(2)
+    )
+    before = leaves((like, like_state))
+    with pytest.raises(ValueError, match=message + r".*; the state stays valid\.$"):
+        eqx_norm.load(path, like, like_state)
+    assert_same((like, like_state), before)
+    like = eqx_norm.set_approach(like, saved)
+    assert_same(eqx_norm.load(path, like, like_state), leaves((model, state)))
+
+
+def test_checkpoint_approach_mismatch_in_some_layers_says_where(tmp_path):
+    model, state = eqx.nn.make_with_state(MLP)()
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    like, like_state = eqx.nn.make_with_state(MLP)()
+    like = eqx_norm.set_approach(like, "ema", where=lambda bn: bn.input_size == 5)
+    with pytest.raises(
+        ValueError, match=r'set_approach\(model, "batch", where=\.\.\.\)`.*`where=`'
+    ):
+        eqx_norm.load(path, like, like_state)
+
+
+def test_save_refuses_to_replace_a_read_only_file(tmp_path):
+    """The rename replaced a read-only file (as root, or in a writable folder)."""
+    path = tmp_path / "model.eqx"
+    path.write_bytes(b"keep me")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match=r"model\.eqx' is read-only"):
+        eqx_norm.save(path, *eqx.nn.make_with_state(MLP)())
+    assert path.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.eqx"]
+
+
+def test_save_keeps_the_permissions_of_the_file(tmp_path):
+    """The temporary file's 0o600 replaced the file's permissions, and a new file
+    was readable by its owner only."""
+    model, state = eqx.nn.make_with_state(MLP)()
+    old = tmp_path / "old.eqx"
+    old.write_bytes(b"")
+    old.chmod(0o640)
+    eqx_norm.save(old, model, state)
+    assert old.stat().st_mode & 0o777 == 0o640
+    new = tmp_path / "new.eqx"
+    eqx_norm.save(new, model, state)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "where, error, message",
+    [
+        (
+            "missing/model.eqx",
+            FileNotFoundError,
+            r"the folder '.*missing' of .*"
+            r"does not exist; create it first",
+        ),
+        ("folder", IsADirectoryError, r"folder' is a folder; pass a file path"),
+    ],
+    ids=["missing-folder", "a-folder"],
+)
+def test_save_to_a_bad_path_names_the_path(where, error, message, tmp_path):
+    """The errors named the hidden temporary file, not the path given."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(error, match=message):
+        eqx_norm.save(tmp_path / where, *eqx.nn.make_with_state(MLP)())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder"]
+
+
+def test_load_of_a_file_that_is_not_a_checkpoint(tmp_path):
+    """Binary bytes, and a folder (the malformed headers are above)."""
+    content = b"\x00\xff" * 100
+    path = tmp_path / "other.eqx"
+    path.write_bytes(content)
+    model, state = eqx.nn.make_with_state(MLP)()
+    before = leaves((model, state))
+    with pytest.raises(ValueError, match=r"other\.eqx: not a checkpoint written by"):
+        eqx_norm.load(path, model, state)
+    assert_same((model, state), before)
+    assert path.read_bytes() == content
+    with pytest.raises(IsADirectoryError):
+        eqx_norm.load(tmp_path, model, state)
+
+
+def test_checkpoint_of_a_folded_model_and_of_non_finite_statistics(tmp_path):
+    """A model without BatchNorm (a folded one) saves and loads, and NaN and inf
+    statistics come back as they were, bit for bit."""
+    model, state = trained_mlp()
+    bn = bn_at(model, 1)
+    stats = state.get(bn.state_index)
+    state = state.set(
+        bn.state_index,
+        stats._replace(mean=stats.mean.at[0].set(jnp.nan).at[1].set(-jnp.inf)),
+    )
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    loaded = eqx_norm.load(path, *eqx.nn.make_with_state(MLP)())
+    assert_same(loaded, leaves((model, state)))
+    folded = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(4))])
+    empty = eqx.nn.make_with_state(eqx.nn.Identity)()[1]
+    eqx_norm.save(path, folded, empty)
+    skeleton = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(5))])
+    assert_same(eqx_norm.load(path, skeleton, empty), leaves(folded))
