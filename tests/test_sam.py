@@ -544,8 +544,7 @@ def test_every_step_mode_works_inside_optax_wrappers(wrapper, kwargs, getkey):
 
 def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getkey):
     """`optax.inject_hyperparams(eqx_norm.sam)` with an injected `rho`, perturbed
-    per micro-batch: the same step as `rho` given directly, and rho = 0 is the
-    plain step."""
+    per micro-batch: the same step as `rho` given directly."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
     x, y = regression_data(getkey())
     kwargs = {"micro_batches": 2, "perturbation": "per-micro-batch"}
