@@ -425,10 +425,19 @@ def _where(keep: Array, new: RunningStats, old: RunningStats) -> RunningStats:
 def _guarded(batch, new: RunningStats, old: RunningStats) -> RunningStats:
     """`new`, unless this batch's or the new statistics are not finite, or the new
     variance is negative: then `old`, so one bad batch (or an approach, built-in or
-    a user's, that overflows) cannot poison inference. XLA fuses the check into one
-    reduction."""
+    a user's, that overflows) cannot poison inference.
+
+    The two conditions are reduced over the channels together, in one variadic
+    reduction: XLA:CPU splits a single reduction over more than 32 channels into a
+    windowed one and a final one (two kernels, and the per-channel check a third),
+    but leaves a variadic reduction whole, with the check fused into it."""
     stats = (batch.mean, batch.var, new.mean, new.var)
-    keep = jnp.all(
-        functools.reduce(jnp.logical_and, map(jnp.isfinite, stats)) & (new.var >= 0)
+    finite = functools.reduce(jnp.logical_and, map(jnp.isfinite, stats))
+    finite, non_negative = lax.reduce(
+        (finite, new.var >= 0), (True, True), _both, tuple(range(finite.ndim))
     )
-    return _where(keep, new, old)
+    return _where(finite & non_negative, new, old)
+
+
+def _both(a, b):
+    return a[0] & b[0], a[1] & b[1]
