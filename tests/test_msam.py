@@ -293,3 +293,39 @@ def test_bad_hyperparameters_are_refused(kwargs, error, message):
     kwargs = {"base_optimizer": optax.sgd(0.1, momentum=0.9)} | kwargs
     with pytest.raises(error, match=message):
         eqx_norm.msam(**kwargs)
+
+
+def test_micro_batches_take_their_passes_at_the_perturbed_point(getkey):
+    """With `micro_batches=2` each micro-batch's one pass is at `w + e`: the step
+    equals plain gradient accumulation from the perturbed model, applied to the
+    unperturbed parameters."""
+    lr, mu, rho = 0.1, 0.9, 0.2
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt = eqx_norm.msam(optax.sgd(lr, momentum=mu), rho=rho)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, micro_batches=2))
+    x, y = regression_data(getkey())
+    trio = step(model, clone(state), opt.init(params), x, y)[:3]  # a momentum now
+    model, state, opt_state = trio
+    params = eqx.filter(model, eqx.is_inexact_array)
+    at = eqx.combine(eqx_norm.pass_point(opt_state, params), static)
+    x, y = regression_data(getkey())
+    new_model, new_state, _, _ = step(model, clone(state), opt_state, x, y)
+    plain = eqx.filter_jit(eqx_norm.sam_step(mse_loss, optax.sgd(1.0), micro_batches=2))
+    moved, plain_state, _, _ = plain(
+        at, clone(state), optax.sgd(1.0).init(params), x, y
+    )
+    g = jax.tree.map(
+        lambda a, b: a - b,
+        eqx.filter(at, eqx.is_inexact_array),
+        eqx.filter(moved, eqx.is_inexact_array),
+    )
+    buf = jax.tree.map(lambda b, g: mu * b + g, opt_state.base_state[0].trace, g)
+    expected = jax.tree.map(lambda w, b: w - lr * b, params, buf)
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
+        np.testing.assert_array_equal(a, b)
