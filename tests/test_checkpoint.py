@@ -23,6 +23,7 @@ from .helpers import MLP, assert_same, bn_at, leaves, trained_mlp
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a subprocess
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     """Regression: a save that fails part-way (here: a file-size limit smaller
     than the checkpoint, as a disk filling up) left a truncated file in place of

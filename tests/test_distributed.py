@@ -356,7 +356,6 @@ def test_uneven_batch_is_a_clear_error():
         eqx_norm.shard_batch(jnp.ones((64, 3)), m, axis="model")
 
 
-@pytest.mark.slow  # a subprocess
 def test_process_local_rows_on_one_process_are_the_global_batch():
     """With one process, its rows are the global batch: `process_local=True` places
     them as the global form does and gives its errors."""
@@ -372,6 +371,7 @@ def test_process_local_rows_on_one_process_are_the_global_batch():
         eqx_norm.shard_batch(jnp.ones((60, 3)), m, process_local=True)
 
 
+@pytest.mark.slow  # a subprocess
 def test_multi_device_example_trains(tmp_path):
     """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
     script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"
