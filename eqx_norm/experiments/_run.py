@@ -11,16 +11,9 @@ import numpy as np
 import optax
 
 from .. import APPROACHES, Approach, BatchNorm, sam
+from . import _training as training
 from ._model import CNN
 from ._settings import SettingError, check_names, check_shared, wrap
-from ._training import (
-    accuracy,
-    chunk_size,
-    load_splits,
-    train_chunk,
-    training_step,
-    versions,
-)
 
 DEFAULT_APPROACHES = ("none", "batch", "ema", "adam-correction", "smooth-start")
 KNOWN_APPROACHES = ("none",) + tuple(APPROACHES)
@@ -164,21 +157,23 @@ def _train_one(
     base = optax.adam(config.learning_rate)
     if use_sam:
         base = sam(base, rho=config.rho, adaptive=config.adaptive)
-    optimizer, step = training_step(base)
+    optimizer, step = training.training_step(base)
     step = eqx.filter_vmap(step, in_axes=(eqx.if_array(0),) * 3 + (0, 0))
     start = time.perf_counter()
     ensemble = _ensemble(approach, optimizer, config)
     indices = _batch_indices(
         len(train[0]), config.seeds, config.steps, config.batch_size
     )
-    chunk = chunk_size(config.steps)
+    chunk = training.chunk_size(config.steps)
     metrics = []
     for t in range(0, config.steps, chunk):
-        ensemble, m = train_chunk(step, ensemble, indices[t : t + chunk], *train)
+        ensemble, m = training.train_chunk(
+            step, ensemble, indices[t : t + chunk], *train
+        )
         metrics.append(jax.device_get(m))
         on_steps(chunk)
     run = {name: np.concatenate([m[name] for m in metrics]).T for name in metrics[0]}
-    run["test_accuracy"] = accuracy(ensemble[:2], *test)
+    run["test_accuracy"] = training.accuracy(ensemble[:2], *test)
     run["seconds"] = np.asarray(time.perf_counter() - start)
     return run
 
@@ -220,7 +215,7 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
     The [`eqx_norm.experiments.Results`][].
     """
     start = time.perf_counter()
-    train, test = load_splits(config.dataset, config.data_dir, config.download)
+    train, test = training.load_splits(config.dataset, config.data_dir, config.download)
     plan: Sequence[tuple[str | Approach, bool]] = [
         (a, False) for a in config.approaches
     ]
@@ -246,4 +241,4 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
         )
     if bar is not None:
         bar.close()
-    return Results(config, runs, versions(), time.perf_counter() - start)
+    return Results(config, runs, training.versions(), time.perf_counter() - start)

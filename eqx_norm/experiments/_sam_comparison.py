@@ -18,17 +18,10 @@ import numpy as np
 import optax
 
 from .. import APPROACHES, looksam, msam, normalisation_mask, sam
+from . import _training as training
 from ._model import CNN
 from ._report import marks_note, save_figure
 from ._settings import SettingError, check_int, check_names, check_shared, wrap
-from ._training import (
-    accuracy,
-    chunk_size,
-    load_splits,
-    train_chunk,
-    training_step,
-    versions,
-)
 
 METHODS = (
     "adam",
@@ -133,13 +126,14 @@ class SAMConfig:
                     f"({self.batch_size}) must be a multiple of `micro_batches` "
                     f"({self.micro_batches}).",
                 )
-        chunks = self.steps // chunk_size(self.steps)
+        chunks = self.steps // training.chunk_size(self.steps)
         check_int("evaluations", self.evaluations, 1)
         if self.evaluations > chunks:
             raise SettingError(
                 "evaluations",
                 f"must be at most {chunks} for {self.steps} steps: the test error "
-                f"is measured between chunks of {chunk_size(self.steps)} steps, "
+                "is measured between chunks of "
+                f"{training.chunk_size(self.steps)} steps, "
                 f"got {self.evaluations}.",
             )
         longest = base_plan(self)[0]
@@ -181,7 +175,7 @@ def base_plan(config: SAMConfig) -> tuple[int, dict[str, list[int]]]:
     of that method's evaluations with as many gradient evaluations (rounded up to
     the end of a chunk, where the test error is measured): the base is compared
     with at least the method's compute, never less."""
-    chunk = chunk_size(config.steps)
+    chunk = training.chunk_size(config.steps)
     base = config.methods[0]
     at = sorted(evaluation_steps(config.steps, config.evaluations))
     matching = {}
@@ -263,16 +257,16 @@ def _step(method: str, config: SAMConfig):
     the training chunk compiles once."""
     base = _optimizer(method, config)
     if method == "sam-per-micro-batch":
-        return training_step(
+        return training.training_step(
             base, micro_batches=config.micro_batches, perturbation="per-micro-batch"
         )
-    return training_step(base)
+    return training.training_step(base)
 
 
 def evaluation_steps(steps: int, evaluations: int) -> set[int]:
     """After which steps the test error is measured: `evaluations` ends of chunks,
     spread evenly, the last at `steps`."""
-    chunk = chunk_size(steps)
+    chunk = training.chunk_size(steps)
     return {
         chunk * -(-round(steps * (k + 1) / evaluations) // chunk)
         for k in range(evaluations)
@@ -303,18 +297,18 @@ def _train_seed(
     epochs = -(-steps * config.batch_size // n)
     order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
     indices = order[: steps * config.batch_size].reshape(steps, -1)
-    chunk = chunk_size(config.steps)
+    chunk = training.chunk_size(config.steps)
     losses, times, evaluated, errors = [], [], [], []
     for t in range(0, steps, chunk):
         begin = time.perf_counter()
-        trio, metrics = train_chunk(step, trio, indices[t : t + chunk], *train)
+        trio, metrics = training.train_chunk(step, trio, indices[t : t + chunk], *train)
         losses.append(np.asarray(metrics["loss"]))  # waits for the chunk
         times.append(time.perf_counter() - begin)
         if t + chunk in targets:
             stacked = jax.tree.map(
                 lambda a: a[None] if eqx.is_array(a) else a, trio[:2]
             )
-            errors.append(1 - float(accuracy(stacked, *test)[0]))
+            errors.append(1 - float(training.accuracy(stacked, *test)[0]))
             evaluated.append(len(times))
         on_steps(chunk)
     if len(times) > 1:  # the first chunk compiles: count it as a typical one
@@ -348,7 +342,7 @@ def run_sam_comparison(
     start = time.perf_counter()
     # Every optimizer first, so that a bad hyperparameter fails before any training.
     steps = {method: _step(method, config) for method in config.methods}
-    data = load_splits(config.dataset, config.data_dir)
+    data = training.load_splits(config.dataset, config.data_dir)
     base = config.methods[0]
     longest, matching = base_plan(config)
     targets = evaluation_steps(config.steps, config.evaluations)
@@ -393,7 +387,7 @@ def run_sam_comparison(
         }
     if bar is not None:
         bar.close()
-    return SAMResults(config, runs, versions(), time.perf_counter() - start)
+    return SAMResults(config, runs, training.versions(), time.perf_counter() - start)
 
 
 MIN_SEEDS_FOR_CLAIMS = 2
