@@ -60,8 +60,8 @@ def real_scalar(name: str, value: Any) -> float:
         array is None
         or array.ndim != 0
         or not (
-            np.issubdtype(array.dtype, np.integer)
-            or np.issubdtype(array.dtype, np.floating)
+            jnp.issubdtype(array.dtype, jnp.integer)
+            or jnp.issubdtype(array.dtype, jnp.floating)
         )
     ):
         raise TypeError(
@@ -92,13 +92,22 @@ def non_negative(name: str, value: Any, example: str, *, schedule: bool = True) 
     number = _concrete(value)
     if number is None:
         return
-    if number.ndim != 0 or not np.issubdtype(number.dtype, np.number):
+    # `jnp.issubdtype`: NumPy does not count bfloat16 and the float8s as numbers.
+    if number.ndim != 0 or not jnp.issubdtype(number.dtype, jnp.number):
         raise TypeError(
             f"`{name}` must be {accepted}, got {value!r}; e.g. `{name}={example}`."
         )
     if np.iscomplexobj(number) or not (np.isfinite(number) and number >= 0):
         raise ValueError(
             f"`{name}` must be finite and at least 0, got {value!r}; "
+            f"e.g. `{name}={example}`."
+        )
+    with np.errstate(over="ignore"):
+        in_float32 = np.asarray(number, np.float32)
+    if not np.isfinite(in_float32):
+        raise ValueError(
+            f"`{name}` must be finite in float32, the dtype it is used in, got "
+            f"{value!r} (above {float(np.finfo(np.float32).max):.4g}); "
             f"e.g. `{name}={example}`."
         )
 
@@ -116,8 +125,8 @@ def real_statistic(
     (`eqx.error_if`) under `jit`, so that no state is ever made from them."""
     concrete = _concrete(value)
     array = value if concrete is None else concrete
-    real = (np.integer, np.floating)
-    if not any(np.issubdtype(array.dtype, kind) for kind in real):
+    real = (jnp.integer, jnp.floating)  # jnp's: NumPy's omit bfloat16
+    if not any(jnp.issubdtype(array.dtype, kind) for kind in real):
         raise TypeError(
             f"`{where}`: `{name}` must hold real numbers, got dtype {array.dtype}; "
             "statistics are never complex or boolean. Pass the real per-channel "

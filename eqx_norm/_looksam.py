@@ -159,6 +159,7 @@ def looksam(
         def reusing(g_v):
             v_norm2 = _dot(g_v, g_v)
             weight = alpha(state.steps) if callable(alpha) else alpha
+            weight = jnp.asarray(weight, jnp.float32)  # the norms' dtype
             factor = jnp.where(
                 v_norm2 > 0,
                 weight * jnp.sqrt(g_norm2 / jnp.where(v_norm2 > 0, v_norm2, 1)),

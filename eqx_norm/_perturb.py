@@ -207,7 +207,8 @@ def sam_rule(rho: Any, adaptive: Any, eta: Any, mask: Any) -> Perturbation:
         t = jax.tree.map(t_of, params)
         tg = jax.tree.map(lambda t, g: (t * g).astype(jnp.float32), t, grads)
         norm = optax.tree.norm(tg)
-        scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0)
+        radius = jnp.asarray(rho, jnp.float32)  # a bfloat16 `rho` too, under strict
+        scale = jnp.where(norm > 0, radius / jnp.where(norm > 0, norm, 1), 0)
         return jax.tree.map(lambda t, tg: scale * t.astype(jnp.float32) * tg, t, tg)
 
     return rule

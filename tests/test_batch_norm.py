@@ -549,6 +549,24 @@ def test_set_statistics_dropped_the_imaginary_part_of_complex_statistics(name, j
 
 
 @_JIT_OR_NOT
+def test_set_statistics_refused_bfloat16_statistics(jit):
+    """Statistics in bfloat16 (a bfloat16 checkpoint's) were refused as "not real
+    numbers", NumPy not counting bfloat16 as a floating type. They are stored
+    exactly, in the statistics' float32, and checked as any others."""
+    bn, state = make(3)
+    mean = jnp.array([0.5, -1.25, 3.0], jnp.bfloat16)
+    var = jnp.array([0.25, 4.0, 0.0], jnp.bfloat16)
+    new = _set_statistics(bn, jit)(clone(state), mean, var, np.int32(2))
+    stored = bn.statistics(new)
+    assert stored[0].dtype == jnp.float32
+    np.testing.assert_array_equal(stored, ([0.5, -1.25, 3.0], [0.25, 4.0, 0.0]))
+    before = leaves(state)
+    with pytest.raises(ValueError, match=r"`var` has a negative value"):
+        bn.set_statistics(state, mean, -var - 1)
+    assert_same(state, before)
+
+
+@_JIT_OR_NOT
 def test_set_statistics_converts_integers_and_refuses_booleans(jit):
     """Integer statistics (`[0, 0, 0]`, `[1, 1, 1]`) are numbers, stored exactly as
     floats; booleans are not statistics."""

@@ -332,6 +332,36 @@ def test_hyperparameters_say_what_is_accepted(kwargs, message):
         eqx_norm.looksam(optax.sgd(0.1), **kwargs)
 
 
+def test_alpha_in_bfloat16_was_refused_and_one_infinite_in_float32_taken():
+    """`alpha=jnp.bfloat16(0.5)` was refused as "not a real scalar", and
+    `alpha=1e39` was accepted and made every reusing step infinite. Now the first
+    is LookSAM with alpha's float32 value (against the float64 reference) and the
+    second, as `rho=1e39` and `msam(rho=1e39)`, is refused naming float32."""
+    alpha = jnp.bfloat16(0.3)  # 0.30078125 exactly
+    opt = eqx_norm.looksam(optax.sgd(0.1), rho=0.05, every=2, alpha=alpha)
+    ours, _ = _run(opt, 4)
+    ref = _reference(
+        _params(),
+        4,
+        _SGDMomentum(0.1, 0.0),
+        0.05,
+        2,
+        float(alpha),
+        False,
+        0.01,
+        {"a": 1.0, "b": 1.0},
+    )
+    for t in range(4):
+        for k in ("a", "b"):
+            np.testing.assert_allclose(ours[t][k], ref[t][k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`alpha` must be finite in float32"):
+        eqx_norm.looksam(optax.sgd(0.1), alpha=1e39)
+    with pytest.raises(ValueError, match=r"`rho` must be finite in float32"):
+        eqx_norm.looksam(optax.sgd(0.1), rho=np.float64(1e39))
+    with pytest.raises(ValueError, match=r"`rho` must be finite in float32"):
+        eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=1e39)
+
+
 def test_default_alpha_is_the_measured_ratio_not_the_papers():
     """The paper's `alpha=0.7` injected about five times SAM's own orthogonal
     correction on the experiment's CNN (where ||g_v|| / ||g|| is about 0.13) and

@@ -283,6 +283,40 @@ def test_sam_refuses_hyperparameters_that_are_not_real_scalars(kwargs, error, me
         eqx_norm.sam(optax.sgd(0.1), **kwargs)
 
 
+@pytest.mark.parametrize("name", ["rho", "eta"])
+def test_sam_refused_a_bfloat16_hyperparameter_and_took_one_infinite_in_float32(
+    name, getkey
+):
+    """A `jnp.bfloat16(0.05)` radius was refused as "not a real scalar" (NumPy does
+    not count bfloat16 as a number), and `rho=1e39`, finite as a Python float, was
+    accepted and became infinite in the float32 rule: every parameter NaN. Now the
+    first is the same SAM as its float32 value against the float64 formulas, and
+    the second is refused naming float32."""
+    params = _params(getkey())
+    c, d = _coefficients(getkey(), SHAPES)
+    value = jnp.bfloat16(0.05 if name == "rho" else 0.02)
+    exact = float(value)  # 0.050048828125, 0.0200195...: what bfloat16 holds
+    kwargs: dict[str, Any] = {"rho": 0.1, "eta": 0.02, "adaptive": name == "eta"}
+    kwargs[name] = value
+    ours = _run(eqx_norm.sam(optax.sgd(0.05), **kwargs), params, c, d, 2)
+    w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    c64 = {k: np.asarray(v, np.float64) for k, v in c.items()}
+    d64 = {k: np.asarray(v, np.float64) for k, v in d.items()}
+    kwargs64 = {**kwargs, name: exact}
+    for t in range(2):
+        w = _numpy_sam_step(
+            w, c64, d64, kwargs64["rho"], 0.05, kwargs64["adaptive"], kwargs64["eta"]
+        )
+        for k in SHAPES:
+            np.testing.assert_allclose(ours[t][k], w[k], rtol=1e-5, atol=1e-6)
+    for huge in (1e39, np.float64(1e39)):
+        refused: dict[str, Any] = {name: huge}
+        with pytest.raises(ValueError, match=rf"`{name}` must be finite in float32"):
+            eqx_norm.sam(optax.sgd(0.1), **refused)
+    largest: dict[str, Any] = {name: 3e38}  # still taken
+    eqx_norm.sam(optax.sgd(0.1), **largest)
+
+
 def test_sam_accepts_numpy_jax_scalars_and_schedules():
     for rho in (np.float32(0.05), jnp.array(0.05), optax.linear_schedule(0, 0.1, 5)):
         eqx_norm.sam(optax.sgd(0.1), rho=rho)
