@@ -92,13 +92,47 @@ def pass_point(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
         if _is_next(x)
     ]
     for perturbation in found:
-        params = perturb(params, perturbation)
+        params = perturb(params, perturbation, _DECLARED)
     return params
 
 
-def perturb(params: optax.Params, perturbation: optax.Updates) -> optax.Params:
-    """`params + perturbation`, leaf by leaf, in the parameters' dtypes."""
-    return jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, perturbation)
+_RULE = "the perturbation rule's `e = rule(grads, params)`"
+_DECLARED = "the `eqx_norm.NextPerturbation` in the optimizer state"
+
+
+def perturb(
+    params: optax.Params, perturbation: optax.Updates, source: str = _RULE
+) -> optax.Params:
+    """`params + perturbation`, leaf by leaf, in the parameters' dtypes; a
+    `ValueError` naming `source` where the perturbation has another structure than
+    the parameters or a leaf that would broadcast a parameter to another shape (a
+    gradient of that shape would then reshape the model)."""
+
+    def add(w: Any, e: Any) -> Any:
+        try:
+            shape = np.broadcast_shapes(np.shape(w), np.shape(e))
+        except ValueError:
+            shape = None
+        if shape != np.shape(w):
+            raise ValueError(
+                f"{source} has a leaf of shape {tuple(np.shape(e))} for a parameter "
+                f"of shape {tuple(np.shape(w))}; it must have the structure and "
+                "shapes of the parameters (e.g. `jax.tree.map(lambda g: rho * g, "
+                "grads)`)."
+            )
+        return w + jnp.asarray(e).astype(w.dtype)
+
+    try:
+        return jax.tree.map(add, params, perturbation)
+    except ValueError as error:
+        if str(error).startswith(source):
+            raise
+        raise ValueError(
+            f"{source} does not have the structure of the parameters: the "
+            f"parameters are {jax.tree.structure(params)}, it is "
+            f"{jax.tree.structure(perturbation)}. Return one array for each "
+            "parameter, e.g. `jax.tree.map(lambda g: rho * g, grads)`."
+        ) from error
 
 
 def perturbed_gradient(

@@ -18,6 +18,7 @@ from .helpers import (
     assert_same,
     clone,
     counting,
+    leaves,
     mse_loss,
     one_step,
     regression_data,
@@ -670,6 +671,72 @@ def test_one_pass_at_a_declared_point(getkey):
     expected = jax.tree.map(lambda w, g: w - 0.1 * g, params, g)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
     assert_close(new_state, expected_state, rtol=1e-6, atol=1e-7)
+    assert_close(
+        eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def _variant(rule):
+    """A SAM variant on the contract with the given perturbation rule."""
+    base = optax.sgd(0.1)
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+        g = eqx_norm.perturbed_gradient(grad_fn, rule, updates, params)
+        return base.update(g, state, params)
+
+    return optax.GradientTransformationExtraArgs(base.init, update_fn)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"micro_batches": 2}, {"micro_batches": 2, "perturbation": "per-micro-batch"}],
+    ids=["whole-batch", "micro-batches", "per-micro-batch"],
+)
+def test_a_perturbation_of_another_shape_reshaped_the_model(mode, getkey):
+    """A rule returning `g[None]` (shape `(1, *w.shape)`) was added to the
+    parameters by broadcasting: the gradient there had the extra axis, and the step
+    returned a model whose every parameter had it too, with no error. A declared
+    `NextPerturbation` of the wrong shape did the same. Both are now refused at
+    trace time naming what was wrong; a scalar per leaf, which broadcasts to the
+    parameter's own shape, is still `w + e`."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x, y = regression_data(getkey())
+    before = leaves(state)
+
+    extra_axis = _variant(lambda g, p: jax.tree.map(lambda a: 0.01 * a[None], g))
+    step = eqx_norm.sam_step(loss_fn, extra_axis, **mode)
+    with pytest.raises(ValueError, match=r"rule\(grads, params\)` has a leaf of sh"):
+        step(model, state, extra_axis.init(params), x, y)
+
+    wrong = jax.tree.map(lambda p: jnp.zeros((2,) + p.shape), params)
+
+    def init_fn(params):
+        return (eqx_norm.NextPerturbation(wrong),)
+
+    def update_fn(updates, state, params=None):
+        return updates, state
+
+    declared = optax.GradientTransformation(init_fn, update_fn)
+    step = eqx_norm.sam_step(loss_fn, declared, **mode)
+    with pytest.raises(ValueError, match=r"`eqx_norm.NextPerturbation` in the opt"):
+        step(model, state, declared.init(params), x, y)
+    with pytest.raises(ValueError, match=r"does not have the structure"):
+        eqx_norm.pass_point((eqx_norm.NextPerturbation({"w": jnp.ones(3)}),), params)
+    assert_same(state, before)
+
+    if mode:  # the scalar case needs no repeat over the step's options
+        return
+    scalar = _variant(lambda g, p: jax.tree.map(lambda _: jnp.float32(0.02), g))
+    new_model, _, _, _ = eqx.filter_jit(eqx_norm.sam_step(loss_fn, scalar))(
+        model, clone(state), scalar.init(params), x, y
+    )
+
+    def loss_at(p):
+        return loss_fn(eqx.combine(p, static), clone(state), x, y)[0]
+
+    g2 = jax.grad(loss_at)(jax.tree.map(lambda w: w + 0.02, params))
+    expected = jax.tree.map(lambda w, g: w - 0.1 * g, params, g2)
     assert_close(
         eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
     )
