@@ -64,6 +64,13 @@ def shard_batch(
                 f"`shard_batch(axis={axis!r})`: the mesh has axes {tuple(mesh.shape)}."
             )
         devices *= mesh.shape[name]
+    for x in jax.tree.leaves(batch):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype") or np.ndim(x) == 0:
+            raise ValueError(
+                "`shard_batch`: every leaf of `batch` must be an array with a leading "
+                f"batch axis; got {x!r:.60}. Pass scalars and other settings to the "
+                "step separately, or as arrays of one row per example."
+            )
     spec = PartitionSpec(names[0] if len(names) == 1 else names)
     sharding = NamedSharding(mesh, spec)
     if process_local and not _all_local(mesh):

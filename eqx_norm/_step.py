@@ -202,6 +202,7 @@ def sam_step(
     def step(model, state, opt_state, *batch):
         params, static = eqx.partition(model, eqx.is_inexact_array)
         _check_opt_state(optimizer, opt_state, params)
+        _check_not_empty(batch)
 
         def loss_and_rest(params, state, batch):
             out = loss_fn(eqx.combine(params, static), state, *batch)
@@ -241,7 +242,7 @@ class _FirstPass(NamedTuple):
     rest: Any
     grads: Any
     gradient_at: Callable[[Any], Any]
-    parts: tuple[Any, Any, Any] | None
+    parts: tuple[Any, Any, Any, Callable[[Any], tuple]] | None
 
 
 class _Gradients(StepGradient):
@@ -300,9 +301,22 @@ def _check_opt_state(optimizer, opt_state, params) -> None:
         )
 
 
-def _split(batch: tuple, m: int) -> tuple:
+def _check_not_empty(batch: tuple) -> None:
+    """A `ValueError` for a batch with no examples: its mean loss is NaN, and so
+    would be every parameter after the update."""
+    if any(np.ndim(a) and np.shape(a)[0] == 0 for a in jax.tree.leaves(batch)):
+        shapes = [tuple(np.shape(a)) for a in jax.tree.leaves(batch)]
+        raise ValueError(
+            f"`sam_step`'s step got an empty batch (arrays of shapes {shapes}): its "
+            "loss would be NaN and so would every parameter after the update. Skip "
+            "empty batches (e.g. a last, partial one) before the step."
+        )
+
+
+def _split(batch: tuple, m: int) -> tuple[Any, Callable[[Any], tuple]]:
     """Every array of the batch split along its leading axis into `m` equal
-    consecutive parts, stacked on a new leading axis."""
+    consecutive parts, stacked on a new leading axis; and `join`, which makes one
+    micro-batch of those parts and the batch's scalars."""
     sizes = sorted({np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a)})
     if len(sizes) > 1:
         raise ValueError(
@@ -316,10 +330,12 @@ def _split(batch: tuple, m: int) -> tuple:
             f"does not split into {m} equal micro-batches. Use a batch size that "
             "is a multiple of `micro_batches`."
         )
-    return jax.tree.map(
-        lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]) if np.ndim(a) else a,
-        batch,
+    arrays, others = eqx.partition(batch, lambda a: np.ndim(a) > 0)
+    micro = jax.tree.map(
+        lambda a: a.reshape((m, a.shape[0] // m) + a.shape[1:]), arrays
     )
+    # Scalars (a temperature, a flag) are given whole to every micro-batch.
+    return micro, lambda mb: eqx.combine(mb, others)
 
 
 def _whole_batch(loss_and_rest, params, state, batch) -> _FirstPass:
@@ -339,13 +355,13 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> _First
     """The first pass over `m` micro-batches in turn (`lax.scan`), the state
     threaded through them; the gradient at other parameters evaluates each
     micro-batch from the state it saw here. The aux is each micro-batch's, stacked."""
-    micro = _split(batch, m)
+    micro, join = _split(batch, m)
     value_and_grad = jax.value_and_grad(loss_and_rest, has_aux=True)
 
     def first(carry, mb):
         state, total = carry
         seen = copy_state(state)
-        (loss, rest), grads = value_and_grad(params, copy_state(state), mb)
+        (loss, rest), grads = value_and_grad(params, copy_state(state), join(mb))
         new_state, aux = rest if has_aux else (rest, None)
         return (new_state, optax.tree.add(total, grads)), (loss, aux, seen, grads)
 
@@ -357,7 +373,7 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> _First
     def gradient_at(perturbed):
         def second(total, mb_and_state):
             mb, mb_state = mb_and_state
-            loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
+            loss_at = lambda p: loss_and_rest(p, mb_state, join(mb))[0]  # noqa: E731
             return optax.tree.add(total, jax.grad(loss_at)(perturbed)), None
 
         total, _ = jax.lax.scan(second, optax.tree.zeros_like(perturbed), (micro, seen))
@@ -365,17 +381,19 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> _First
 
     rest = (state, auxes) if has_aux else state
     grads = optax.tree.scale(1 / m, total)
-    return _FirstPass(jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each))
+    return _FirstPass(
+        jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each, join)
+    )
 
 
 def _per_micro_batch(loss_and_rest, rule, params, parts):
     """The mean over micro-batches of the gradient at each one's own perturbed
     point, `params + rule(its gradient, params)`, one micro-batch at a time."""
-    micro, seen, each = parts
+    micro, seen, each, join = parts
 
     def one(total, part):
         mb, mb_state, grads = part
-        loss_at = lambda p: loss_and_rest(p, mb_state, mb)[0]  # noqa: E731
+        loss_at = lambda p: loss_and_rest(p, mb_state, join(mb))[0]  # noqa: E731
         point = perturb(params, rule(grads, params))
         return optax.tree.add(total, jax.grad(loss_at)(point)), None
 

@@ -387,3 +387,14 @@ def test_multi_device_example_trains(tmp_path):
     assert "8 devices, 30 SAM steps" in out
     accuracy = float(out.rsplit("test accuracy", 1)[1])
     assert accuracy > 0.5
+
+
+@pytest.mark.parametrize("leaf", [3.0, np.float32(2.0), [1.0, 2.0], "rows"])
+@pytest.mark.parametrize("process_local", [False, True])
+def test_shard_batch_names_a_leaf_that_is_not_a_batch_array(leaf, process_local):
+    """A scalar leaf gave `IndexError: tuple index out of range`, a list or a
+    string an `AttributeError`: now a `ValueError` saying what a leaf must be."""
+    with pytest.raises(ValueError, match="every leaf of `batch` must be an array"):
+        eqx_norm.shard_batch(
+            (jnp.ones((8, 3)), leaf), mesh(), process_local=process_local
+        )

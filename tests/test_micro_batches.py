@@ -313,3 +313,44 @@ def test_unknown_perturbation_is_refused():
             optax.sgd(0.1),
             perturbation="per-example",  # pyright: ignore[reportArgumentType]
         )
+
+
+def test_a_scalar_in_the_batch_is_given_to_every_micro_batch(getkey):
+    """`step(..., x, y, 3.0)` with micro-batches failed in `lax.scan` ("no leading
+    axis"): a scalar of the batch now reaches every micro-batch whole, and the step
+    equals gradient accumulation written out."""
+
+    def scaled_loss(model, state, x, y, scale):
+        loss, state = mse_loss(model, state, x, y)
+        return scale * loss, state
+
+    model, state = eqx.nn.make_with_state(Net)(getkey(), norm=False)
+    opt = optax.sgd(0.1)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x, y = regression_data(getkey())
+    step = eqx.filter_jit(eqx_norm.sam_step(scaled_loss, opt, micro_batches=2))
+    new_model, _, _, loss = step(model, clone(state), opt.init(params), x, y, 3.0)
+
+    def loss_at(p, x, y):
+        return scaled_loss(eqx.combine(p, static), clone(state), x, y, 3.0)[0]
+
+    grads = [jax.grad(loss_at)(params, x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
+    expected = jax.tree.map(lambda w, a, b: w - 0.1 * (a + b) / 2, params, *grads)
+    assert_close(eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        loss, 3.0 * mse_loss(model, clone(state), x, y)[0], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_an_empty_batch_is_refused(micro_batches, getkey):
+    """An empty batch gave a NaN loss and NaN parameters, with SAM or without."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = regression_data(getkey())
+    step = eqx_norm.sam_step(mse_loss, opt, micro_batches=micro_batches)
+    before = leaves(clone(state))
+    with pytest.raises(ValueError, match="empty batch"):
+        step(model, state, opt_state, x[:0], y[:0])
+    assert_same(state, before)
