@@ -265,3 +265,15 @@ def channel_axis_of(x: Any, input_size: int, channel_axis: int) -> int:
             "`channel_axis`, or vmap the layer over the batch axis."
         )
     return axis
+
+
+def optax_transformation(value: Any, example: str) -> None:
+    """A `ValueError` naming `base_optimizer` if `value` is not an Optax gradient
+    transformation; `example` is a call that works."""
+    import optax
+
+    if not isinstance(value, optax.GradientTransformation):
+        raise ValueError(
+            "`base_optimizer` must be an Optax gradient transformation, e.g. "
+            f"`{example}`; got {type(value)}."
+        )

@@ -8,7 +8,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import INT32_MAX, non_negative, positive_int
+from ._checks import INT32_MAX, non_negative, optax_transformation, positive_int
 from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
@@ -109,11 +109,7 @@ def looksam(
     (what an int32 step count reaches), or an `alpha` that is NaN, infinite or
     negative; a `TypeError` for an `every` that is not an int.
     """
-    if not isinstance(base_optimizer, optax.GradientTransformation):
-        raise ValueError(
-            "`base_optimizer` must be an Optax gradient transformation, e.g. "
-            f"`eqx_norm.looksam(optax.sgd(0.1), every=5)`; got {type(base_optimizer)}."
-        )
+    optax_transformation(base_optimizer, "eqx_norm.looksam(optax.sgd(0.1), every=5)")
     non_negative("rho", rho, "0.05")
     non_negative("eta", eta, "0.01", schedule=False)
     non_negative("alpha", alpha, "0.1")
@@ -128,13 +124,8 @@ def looksam(
         )
 
     def update_fn(
-        updates: optax.Updates,
-        state: LookSAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, LookSAMState]:
+        updates, state: LookSAMState, params=None, *, grad_fn=None, **extra_args
+    ):
         grad_fn, params = check_update_args("looksam", grad_fn, params)
         g = updates
         g_norm2 = _dot(g, g)

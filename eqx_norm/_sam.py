@@ -1,12 +1,12 @@
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import non_negative
+from ._checks import non_negative, optax_transformation
 from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
@@ -115,11 +115,7 @@ def sam(
     Optax gradient transformation; when updating, a `ValueError` if `grad_fn` or
     `params` is missing.
     """
-    if not isinstance(base_optimizer, optax.GradientTransformation):
-        raise ValueError(
-            "`base_optimizer` must be an Optax gradient transformation, e.g. "
-            f"`eqx_norm.sam(optax.sgd(0.1), rho=0.05)`; got {type(base_optimizer)}."
-        )
+    optax_transformation(base_optimizer, "eqx_norm.sam(optax.sgd(0.1), rho=0.05)")
     non_negative("rho", rho, "0.05")
     non_negative("eta", eta, "0.01", schedule=False)
     base = optax.with_extra_args_support(base_optimizer)
@@ -127,14 +123,7 @@ def sam(
     def init_fn(params: optax.Params) -> SAMState:
         return SAMState(steps=jnp.zeros((), jnp.int32), base_state=base.init(params))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: SAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, SAMState]:
+    def update_fn(updates, state: SAMState, params=None, *, grad_fn=None, **extra_args):
         grad_fn, params = check_update_args("sam", grad_fn, params)
         radius = rho(state.steps) if callable(rho) else rho
         rule = sam_rule(radius, adaptive, eta, mask)
