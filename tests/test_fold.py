@@ -107,6 +107,7 @@ def test_fold_keeps_the_inference_output(approaches, getkey):
     )
 
 
+@pytest.mark.slow  # float64 compiles of several models; float32 folds stay below
 def test_fold_in_float64_is_exact(getkey):
     with jax.enable_x64(True):
         model, state = eqx.nn.make_with_state(_cnn)(
@@ -169,6 +170,7 @@ def _variants_3d(key):
     )
 
 
+@pytest.mark.slow  # a model per variant, each compiled twice
 @pytest.mark.parametrize(
     "build, shape",
     [(_variants_1d, (3, 9)), (_variants_2d, (3, 4, 4)), (_variants_3d, (3, 4, 4, 4))],
