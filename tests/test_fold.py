@@ -88,6 +88,7 @@ def _assert_folds(model, state, x, rtol):
     return folded, folded_state
 
 
+@pytest.mark.slow  # three models per case; the default tier folds in the tests below
 @pytest.mark.parametrize("approaches", _APPROACH_TRIPLES, ids="+".join)
 def test_fold_keeps_the_inference_output(approaches, getkey):
     model, state = eqx.nn.make_with_state(_cnn)(getkey(), approaches)

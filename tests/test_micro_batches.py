@@ -174,7 +174,9 @@ def _f64(tree):
     )
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize(
+    "adaptive", [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey):
     """m-sharpness on one device: micro-batch i is perturbed by its own gradient
     (from the state it saw), and the base optimizer gets the mean of the gradients

@@ -486,6 +486,7 @@ def test_per_device_perturbation_without_axis_name_is_refused():
         eqx_norm.sam_step(mse_loss, optax.sgd(0.1), per_device_perturbation=True)
 
 
+@pytest.mark.slow  # an ensemble and its members, each compiled
 @pytest.mark.standard_promotion
 def test_vmapped_ensemble_equals_separate_runs(getkey):
     keys = jax.random.split(getkey(), 4)
