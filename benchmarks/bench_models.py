@@ -9,7 +9,8 @@ and backward pass, the Adam update and the BatchNorm state update, under jax.jit
 Models: (a) an MLP 784-512-BN-ReLU-512-BN-ReLU-10 at batch 128; (b) the
 experiment's CNN (Conv 1->3, MaxPool, Linear 1728->512, BN, Linear 512->64,
 Linear 64->10) at batch 64; (c) a small residual CNN (three stages of two
-Conv-BN-ReLU residual blocks with 16/32/64 channels, 32x32x3 input) at batch 64.
+Conv-BN-ReLU residual blocks with 16/32/64 channels, 32x32x3 input) at batch 64,
+also with `eqx_norm.BatchNorm(compute_channels_last=True)`.
 
 Printed: the step time of each relative to eqx_norm's (medians of per-round ratios,
 interleaved); what BatchNorm costs in the step ("BN ms": the median step less the
@@ -47,6 +48,10 @@ def norm_layer(kind: str, channels: int):
         return NoNorm()
     if kind == "eqx_norm":
         return eqx_norm.BatchNorm(channels, "batch", momentum=0.9)
+    if kind == "eqx_norm, channels-last compute":
+        return eqx_norm.BatchNorm(
+            channels, "batch", momentum=0.9, compute_channels_last=True
+        )
     return eqx.nn.BatchNorm(channels, "batch", momentum=0.9, mode="batch")
 
 
@@ -269,6 +274,8 @@ MODELS = {
     "resnet": ("residual CNN 16/32/64", ResNet, FlaxResNet, (64, 3, 32, 32)),
 }
 
+SPATIAL = ("resnet",)  # the models whose BatchNorms see spatial axes
+
 
 def builds(name: str, batch: int | None = None) -> dict[str, Callable[[], tuple]]:
     _, eqx_cls, flax_cls, shape = MODELS[name]
@@ -277,13 +284,17 @@ def builds(name: str, batch: int | None = None) -> dict[str, Callable[[], tuple]
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, shape)
     y = jax.random.randint(ky, (shape[0],), 0, 10)
-    return {
+    peers = {
         "eqx_norm": lambda: equinox_step(eqx_cls, "eqx_norm", x, y),
         "equinox": lambda: equinox_step(eqx_cls, "equinox", x, y),
         "flax": lambda: flax_step(flax_cls(), x, y),
         "equinox, no BN": lambda: equinox_step(eqx_cls, "none", x, y),
         "flax, no BN": lambda: flax_step(flax_cls(norm=False), x, y),
     }
+    if name in SPATIAL:  # `compute_channels_last` moves nothing in the others
+        cl = "eqx_norm, channels-last compute"
+        peers[cl] = lambda: equinox_step(eqx_cls, cl, x, y)
+    return peers
 
 
 def bench_model(
@@ -306,6 +317,7 @@ def bench_model(
         programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
     times = timing.interleaved(programs, rounds=rounds, calls=calls)
     floor = {"eqx_norm": "equinox, no BN", "equinox": "equinox, no BN"}
+    floor["eqx_norm, channels-last compute"] = "equinox, no BN"
     floor["flax"] = "flax, no BN"
     rows = []
     for peer in programs:

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._approaches import APPROACHES, Approach, RunningStats, as_approach
 from ._checks import (
     as_int,
+    boolean,
     channel_axis_of,
     count_of,
     floating_dtype,
@@ -118,6 +119,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     momentum: float = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
     virtual_batch_size: int | None = eqx.field(static=True)
+    compute_channels_last: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -132,6 +134,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         *,
         channel_axis: int = 0,
         virtual_batch_size: int | None = None,
+        compute_channels_last: bool = False,
     ):
         """**Arguments:**
 
@@ -158,12 +161,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
             consecutive examples (along the named axes, in their order) normalised
             together; `None` (the default) normalises the whole batch together.
             See "Ghost batches" in the guide.
+        - `compute_channels_last`: if `True`, a training call moves the channels to
+            the example's last axis, normalises there and moves them back: the same
+            values, laid out as XLA's convolutions on the CPU lay out their outputs.
+            After an `eqx.nn.Conv` on the CPU it saves the copy that XLA otherwise
+            makes of every convolution's output, most of BatchNorm's cost in a
+            residual CNN; on input that XLA holds channels-first (such as a batch
+            given to the step as it is) it adds such a copy instead. Measure your
+            model (the "Benchmarks" page shows both). No effect when the channels
+            already are on the last axis, nor in inference.
 
         **Raises:**
 
         A `ValueError` for a non-positive `input_size` or `virtual_batch_size`, an
         unknown `approach`, `momentum` outside [0, 1) or a negative `eps`; a
-        `TypeError` for a `channel_axis` or `virtual_batch_size` that is not an int.
+        `TypeError` for a `channel_axis` or `virtual_batch_size` that is not an int,
+        or a `compute_channels_last` that is not a bool.
         """
         input_size = count_of(
             "input_size", input_size, "the number of channels", "input_size=64"
@@ -198,6 +211,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.momentum = momentum
         self.channel_axis = channel_axis
         self.virtual_batch_size = virtual_batch_size
+        self.compute_channels_last = boolean(
+            "compute_channels_last", compute_channels_last
+        )
 
     def statistics(
         self, state: eqx.nn.State
@@ -348,6 +364,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return self._normalise(x, axis, mean, var), state
         if mask is not None:
             mask = checked_mask(mask, x, axis)
+        example_axis, last = axis, x.ndim - 1
+        if self.compute_channels_last and axis != last:
+            x, axis = jnp.moveaxis(x, axis, last), last
+            if mask is not None:
+                mask = jnp.moveaxis(mask, example_axis, last)
         mean, var, new, batch = self._train(x, axis, running, mask)
         if isinstance(state.get(self.state_index), Recording):
             # A recording pass (see `Recording`): its output is this batch's
@@ -357,7 +378,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             state = state.set(index, Recording(running, batch._replace(n=n)))
         else:
             state = state.set(self.state_index, new)
-        return self._normalise(x, axis, mean, var), state
+        y = self._normalise(x, axis, mean, var)
+        return jnp.moveaxis(y, axis, example_axis), state
 
     def _train(self, x, axis, running, mask):
         """The statistics that normalise this example, the new running statistics,

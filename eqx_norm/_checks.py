@@ -34,6 +34,17 @@ def as_int(name: str, value: Any, example: str) -> int:
     return int(array)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """`value` as a Python bool: a bool or NumPy bool only (not `0`, `1` or `None`,
+    which would read as a choice). A `TypeError` naming the argument otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{name}` must be True or False, got {value!r} of type "
+            f"{type(value).__name__}; for example `{name}=True`."
+        )
+    return bool(value)
+
+
 def positive_int(
     name: str, value: Any, example: str, *, maximum: int | None = None
 ) -> int:

@@ -89,6 +89,73 @@ def test_channel_axis_must_be_an_int(value):
         eqx_norm.BatchNorm(3, "batch", channel_axis=value)
 
 
+@pytest.mark.parametrize(
+    "approach, shape, kwargs",
+    [
+        ("running", (3, 4, 5), {"mask": True}),
+        ("renorm", (3, 4, 5), {"virtual_batch_size": 4}),
+        ("batch", (4, 3, 5), {"channel_axis": 1, "mask": True}),
+    ],
+    ids=["running-mask", "renorm-ghost", "middle-axis-mask"],
+)
+def test_compute_channels_last_equals_the_default_layout(
+    approach, shape, kwargs, getkey
+):
+    """`compute_channels_last=True` gives the outputs, input gradients, states and
+    forward-mode tangents of the default layout, over 3 steps, in float64 (it only
+    moves the channels to the last axis and back)."""
+    kwargs = dict(kwargs)
+    masked = kwargs.pop("mask", False)
+    axis = kwargs.get("channel_axis", 0) % len(shape)
+    xs = batches(getkey(), 3, (8, *shape))
+    gs = [jax.random.normal(getkey(), x.shape) for x in xs]
+    v = jax.random.normal(getkey(), xs[0].shape)
+    mask_shape = (8,) + shape[:axis] + shape[axis + 1 :]
+    mask = jax.random.bernoulli(getkey(), 0.8, mask_shape) if masked else None
+    affine = with_affine(make(3)[0], getkey())
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        xs, gs, v = (
+            [x.astype(f64) for x in xs],
+            [g.astype(f64) for g in gs],
+            v.astype(f64),
+        )
+        layers = []
+        for moved in (False, True):
+            bn, state = make(
+                3,
+                approach=approach,
+                momentum=0.8,
+                dtype=f64,
+                compute_channels_last=moved,
+                **kwargs,
+            )
+            weight, bias = affine.weight.astype(f64), affine.bias.astype(f64)
+            layers.append(
+                (eqx.tree_at(lambda m: (m.weight, m.bias), bn, (weight, bias)), state)
+            )
+        (plain, state), (moved, moved_state) = layers
+        for x, g in zip(xs, gs):
+            y, dx, state = _step(plain, x, state, mask=mask, g=g)
+            y1, dx1, moved_state = _step(moved, x, moved_state, mask=mask, g=g)
+            np.testing.assert_allclose(y1, y, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(dx1, dx, rtol=1e-11, atol=1e-12)
+            assert_close(moved_state, state, rtol=1e-12, atol=1e-12)
+
+        def tangent(bn):
+            return jax.jvp(lambda x: apply(bn, x, state, mask=mask)[0], (xs[0],), (v,))
+
+        (y, t), (y1, t1) = tangent(plain), tangent(moved)
+        np.testing.assert_allclose(y1, y, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(t1, t, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [1, None, "yes"])
+def test_compute_channels_last_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="compute_channels_last"):
+        eqx_norm.BatchNorm(3, "batch", compute_channels_last=value)
+
+
 # -------------------------------------------------------------------------- mask
 
 

@@ -222,6 +222,7 @@ def test_inside_chain_and_inject_hyperparams():
     assert float(state.hyperparams["rho"]) == pytest.approx(0.1)  # pyright: ignore
 
 
+@pytest.mark.slow  # 7 s
 @pytest.mark.standard_promotion  # optax.adam
 def test_looksam_through_sam_step_keeps_first_pass_state(getkey):
     """Through `sam_step` with a BatchNorm model: the state after each step is that

@@ -79,6 +79,7 @@ def test_without_batch_norm_equals_sam_on_the_whole_batch(getkey):
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
+@pytest.mark.slow  # 10 s
 def test_with_batch_norm_threads_the_state_and_matches_two_passes(getkey):
     """The state after a step is that of four plain forward passes in turn; the
     parameters are the hand-written two-pass SAM step in which each micro-batch is

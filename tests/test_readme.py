@@ -13,6 +13,7 @@ def _blocks(language: str) -> list[str]:
     return [textwrap.dedent(b) for b in blocks]
 
 
+@pytest.mark.slow  # 14 s; each README guarantee has its own default-tier test
 @pytest.mark.standard_promotion  # optax.adam
 def test_readme_python_blocks_run():
     """Every Python block of the README runs, in order, in one namespace."""

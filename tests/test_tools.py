@@ -184,6 +184,7 @@ def test_recalibrate_equals_float64_population_statistics(getkey):
         eqx_norm.recalibrate(model, state, [batches[0], bad])
 
 
+@pytest.mark.slow  # 7 s
 def test_forum_case_dead_channel_found_and_repaired(getkey):
     """The PyTorch forum case: a running variance of 5.6e-45 in one channel makes
     inference blow up; diagnose finds it, recalibrate repairs it, after which
