@@ -206,6 +206,10 @@ def bench_options(shape, rounds, calls=1):
         "channels last": lambda: _options_step(
             jnp.moveaxis(x, 1, -1), None, channel_axis=-1
         ),
+        # On a channels-first batch given as it is: the copies it adds.
+        "compute_channels_last": lambda: _options_step(
+            x, None, compute_channels_last=True
+        ),
     }
     candidates = {}
     for name, build in builders.items():

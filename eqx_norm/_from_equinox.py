@@ -9,6 +9,7 @@ from jaxtyping import Array, PyTree
 
 from ._approaches import Approach, RunningStats
 from ._batch_norm import BatchNorm
+from ._checks import boolean
 
 _UNKNOWN_LAYOUT = (
     "`from_equinox` met an `eqx.nn.BatchNorm` whose state it does not know (an "
@@ -18,7 +19,11 @@ _UNKNOWN_LAYOUT = (
 
 
 def from_equinox(
-    model: PyTree, state: eqx.nn.State, approach: str | Approach | None = None
+    model: PyTree,
+    state: eqx.nn.State,
+    approach: str | Approach | None = None,
+    *,
+    compute_channels_last: bool = False,
 ) -> tuple[PyTree, eqx.nn.State]:
     """Replace every `eqx.nn.BatchNorm` in a model with an [`eqx_norm.BatchNorm`][],
     carrying weights, biases, hyperparameters and running statistics over, so that
@@ -37,6 +42,9 @@ def from_equinox(
     - `state`: its `eqx.nn.State`.
     - `approach`: the approach of the new layers; by default `"batch"` for Equinox's
         batch mode and `"ema"` for its ema mode, which keeps training as it was.
+    - `compute_channels_last`: the new layers' `compute_channels_last` (see
+        [`eqx_norm.BatchNorm`][]): `True` for BatchNorms that follow convolutions,
+        when training on the CPU.
 
     **Returns:**
 
@@ -45,8 +53,10 @@ def from_equinox(
 
     **Raises:**
 
-    A `ValueError` if the model has no `eqx.nn.BatchNorm`.
+    A `ValueError` if the model has no `eqx.nn.BatchNorm`; a `TypeError` for a
+    `compute_channels_last` that is not a bool.
     """
+    compute_channels_last = boolean("compute_channels_last", compute_channels_last)
     converted = 0
 
     def convert(x):
@@ -63,6 +73,7 @@ def from_equinox(
             channelwise_affine=x.channelwise_affine,
             inference=x.inference,
             dtype=dtype,
+            compute_channels_last=compute_channels_last,
         )
         stats = RunningStats(
             stats.mean.astype(new.state_index.init.mean.dtype),  # pyright: ignore

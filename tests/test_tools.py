@@ -9,6 +9,7 @@ import eqx_norm
 from .helpers import (
     MLP,
     apply,
+    assert_close,
     assert_same,
     bn_at,
     clone,
@@ -145,6 +146,26 @@ def test_from_equinox_keeps_inference_outputs(mode, getkey):
         )
     with pytest.raises(ValueError, match="found no `eqx.nn.BatchNorm`"):
         eqx_norm.from_equinox(ours, our_state)
+
+
+def test_from_equinox_can_compute_channels_last(getkey):
+    """`compute_channels_last=True` reaches every converted layer, and a training
+    step then gives what the default layers give; a non-bool is refused before any
+    conversion."""
+    model, state = eqx.nn.make_with_state(EqxCNN)("batch", getkey())
+    x = 1 + jax.random.normal(getkey(), (16, 1, 8, 8))
+    plain, plain_state = eqx_norm.from_equinox(model, state)
+    moved, moved_state = eqx_norm.from_equinox(model, state, compute_channels_last=True)
+    assert [b.compute_channels_last for _, b in eqx_norm.batch_norms(moved)] == [
+        True,
+        True,
+    ]
+    y, s = apply(plain, x, plain_state)
+    y_moved, s_moved = apply(moved, x, moved_state)
+    np.testing.assert_allclose(y_moved, y, rtol=1e-5, atol=1e-5)
+    assert_close(s_moved, s, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="compute_channels_last"):
+        eqx_norm.from_equinox(model, state, compute_channels_last="yes")  # pyright: ignore
 
 
 def _layer_inputs(model, x):
