@@ -43,6 +43,7 @@ from ._walk import (
     batch_norms as batch_norms,
     freeze as freeze,
     set_approach as set_approach,
+    set_compute_channels_last as set_compute_channels_last,
 )
 
 try:
@@ -89,5 +90,6 @@ __all__ = [
     "sam_step",
     "save",
     "set_approach",
+    "set_compute_channels_last",
     "shard_batch",
 ]

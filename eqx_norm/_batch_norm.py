@@ -1,3 +1,4 @@
+import copy
 import functools
 from collections.abc import Hashable, Sequence
 from typing import cast
@@ -315,6 +316,30 @@ class BatchNorm(eqx.nn.StatefulLayer):
             as_approach(approach),
             is_leaf=lambda x: isinstance(x, Approach),
         )
+
+    def with_compute_channels_last(
+        self, compute_channels_last: bool = True
+    ) -> "BatchNorm":
+        """This layer with `compute_channels_last` set (see `__init__`); its state
+        stays valid. A static setting, so it cannot be switched by `eqx.tree_at`.
+
+        **Arguments:**
+
+        - `compute_channels_last`: `True` or `False`.
+
+        **Returns:**
+
+        A new `BatchNorm`, sharing weight, bias and state index with this one.
+
+        **Raises:**
+
+        A `TypeError` for a value that is not a bool.
+        """
+        value = boolean("compute_channels_last", compute_channels_last)
+        new = copy.copy(self)
+        # A frozen dataclass: the one field is set on the copy, before anyone holds it.
+        object.__setattr__(new, "compute_channels_last", value)
+        return new
 
     @jax.named_scope("eqx_norm.BatchNorm")
     def __call__(

@@ -8,6 +8,7 @@ from jaxtyping import PyTree
 
 from ._approaches import Approach, as_approach
 from ._batch_norm import BatchNorm
+from ._checks import boolean
 
 
 def is_batch_norm(x: Any) -> bool:
@@ -66,20 +67,60 @@ def set_approach(
     A `ValueError` if no layer matched (rather than returning the model unchanged).
     """
     approach = as_approach(approach)
+    return _switch(model, lambda bn: bn.with_approach(approach), where, "set_approach")
+
+
+def set_compute_channels_last(
+    model: PyTree,
+    compute_channels_last: bool = True,
+    *,
+    where: Callable[[BatchNorm], bool] | None = None,
+) -> PyTree:
+    """Set `compute_channels_last` (see [`eqx_norm.BatchNorm`][]) on every
+    [`eqx_norm.BatchNorm`][] in a model, e.g. on those after convolutions, for
+    training on the CPU. The state stays valid as it is.
+
+    **Arguments:**
+
+    - `model`: any pytree holding `eqx_norm.BatchNorm` layers.
+    - `compute_channels_last`: `True` or `False`.
+    - `where`: as in [`eqx_norm.set_approach`][].
+
+    **Returns:**
+
+    The model with the setting switched.
+
+    **Raises:**
+
+    A `ValueError` if no layer matched; a `TypeError` for a value that is not a
+    bool.
+    """
+    value = boolean("compute_channels_last", compute_channels_last)
+    return _switch(
+        model,
+        lambda bn: bn.with_compute_channels_last(value),
+        where,
+        "set_compute_channels_last",
+    )
+
+
+def _switch(model, change, where, what: str) -> PyTree:
+    """`model` with `change` applied to every BatchNorm that `where` selects, or a
+    `ValueError` naming `what` if none is."""
     matched = 0
 
     def swap(x):
         nonlocal matched
         if is_batch_norm(x) and (where is None or where(x)):
             matched += 1
-            return x.with_approach(approach)
+            return change(x)
         return x
 
     model = jtu.tree_map(swap, model, is_leaf=is_batch_norm)
     if matched == 0:
         if batch_norms(model):
-            raise ValueError("`set_approach`: `where` matched no BatchNorm layer.")
-        raise no_batch_norm("set_approach")
+            raise ValueError(f"`{what}`: `where` matched no BatchNorm layer.")
+        raise no_batch_norm(what)
     return model
 
 

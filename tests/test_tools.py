@@ -168,6 +168,38 @@ def test_from_equinox_can_compute_channels_last(getkey):
         eqx_norm.from_equinox(model, state, compute_channels_last="yes")  # pyright: ignore
 
 
+def test_set_compute_channels_last_keeps_the_state_and_the_values(getkey):
+    """The tool sets the option on the layers `where` selects and leaves the rest;
+    the state made for the model before stays valid, and a training step gives
+    what the default layers give. The method switches one layer both ways."""
+    model, state = eqx.nn.make_with_state(EqxCNN)("batch", getkey())
+    model, state = eqx_norm.from_equinox(model, state)
+    x = 1 + jax.random.normal(getkey(), (16, 1, 8, 8))
+    first = eqx_norm.set_compute_channels_last(
+        model, where=lambda bn: bn.input_size == 3
+    )
+    assert [b.compute_channels_last for _, b in eqx_norm.batch_norms(first)] == [
+        True,
+        False,
+    ]
+    moved = eqx_norm.set_compute_channels_last(model)
+    assert all(b.compute_channels_last for _, b in eqx_norm.batch_norms(moved))
+    y, s = apply(model, x, state)
+    y_moved, s_moved = apply(moved, x, state)
+    np.testing.assert_allclose(y_moved, y, rtol=1e-5, atol=1e-5)
+    assert_close(s_moved, s, rtol=1e-5, atol=1e-6)
+    bn = eqx_norm.batch_norms(moved)[0][1]
+    back = bn.with_compute_channels_last(False)
+    assert (back.compute_channels_last, bn.compute_channels_last) == (False, True)
+    assert back.state_index is bn.state_index
+    with pytest.raises(TypeError, match="compute_channels_last"):
+        eqx_norm.set_compute_channels_last(model, 1)  # pyright: ignore
+    with pytest.raises(TypeError, match="compute_channels_last"):
+        bn.with_compute_channels_last("no")  # pyright: ignore
+    with pytest.raises(ValueError, match="`set_compute_channels_last`: `where`"):
+        eqx_norm.set_compute_channels_last(model, where=lambda bn: False)
+
+
 def _layer_inputs(model, x):
     """Float64 inputs of both BatchNorm layers when each normalises with its batch
     statistics (what recalibration sees)."""
@@ -369,7 +401,9 @@ def test_set_approach_where_matching_nothing():
         eqx_norm.set_approach(model, "ema", where=lambda bn: bn.input_size == 99)
 
 
-@pytest.mark.parametrize("tool", ["recalibrate", "diagnose", "set_approach"])
+@pytest.mark.parametrize(
+    "tool", ["recalibrate", "diagnose", "set_approach", "set_compute_channels_last"]
+)
 def test_tools_on_a_model_without_batch_norm(tool):
     linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
     _, state = trained_mlp()
@@ -377,6 +411,7 @@ def test_tools_on_a_model_without_batch_norm(tool):
         "recalibrate": lambda: eqx_norm.recalibrate(linear, state, [jnp.ones((2, 2))]),
         "diagnose": lambda: eqx_norm.diagnose(linear, state, jnp.ones((2, 2))),
         "set_approach": lambda: eqx_norm.set_approach(linear, "ema"),
+        "set_compute_channels_last": lambda: eqx_norm.set_compute_channels_last(linear),
     }[tool]
     message = f"`{tool}` found no `eqx_norm.BatchNorm`.*from_equinox"
     with pytest.raises(ValueError, match=message):
