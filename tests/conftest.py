@@ -1,7 +1,14 @@
 import os
 
-# Eight CPU devices stand in for eight accelerators; set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight CPU devices stand in for eight accelerators; set before JAX starts. The
+# tests check arithmetic, not speed: LLVM's optimisation of XLA:CPU's kernels (which
+# uses no fast-math, so gives the same values) is skipped, a quarter of the suite's
+# time, most of which is compiling.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true",
+)
 
 import jax
 import pytest

@@ -175,9 +175,8 @@ def _f64(tree):
     )
 
 
-@pytest.mark.parametrize(
-    "adaptive", [False, pytest.param(True, marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # 10 s each; other per-micro-batch tests run in the default tier
+@pytest.mark.parametrize("adaptive", [False, True])
 def test_per_micro_batch_perturbation_matches_float64_reference(adaptive, getkey):
     """m-sharpness on one device: micro-batch i is perturbed by its own gradient
     (from the state it saw), and the base optimizer gets the mean of the gradients

@@ -7,7 +7,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eqx_norm
@@ -94,7 +93,6 @@ def test_finite_input_gives_finite_output_and_state(case):
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
-@pytest.mark.slow  # 14 s: a compile per example, eager and jitted
 @given(cases())
 @SETTINGS
 def test_jit_equals_eager(case):
