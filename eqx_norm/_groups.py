@@ -157,12 +157,10 @@ def statistics(
 def _whole_batch(groups, x, axis, shift, mask, *, n, least, dtype) -> Statistics:
     if mask is None:
         # Two independent psums, which XLA combines into one all-reduce.
-        first, second = lax.psum(local_sums(x, shift, axis, dtype), groups.names)
+        first, second = _psum(local_sums(x, shift, axis, dtype), groups.names)
         batch = _batch_stats(first / n, second / n, shift, n)
         return Statistics(batch, batch, None)
-    first, second, count = lax.psum(
-        masked_sums(x, shift, mask, axis, dtype), groups.names
-    )
+    first, second, count = _psum(masked_sums(x, shift, mask, axis, dtype), groups.names)
     safe = jnp.maximum(count, 1)
     count = count.astype(jnp.int32)
     enough = count >= least
@@ -184,7 +182,7 @@ def _ghost_batches(groups, x, axis, shift, mask, *, n, least, dtype) -> Statisti
     # Each example adds its sums into its ghost batch's row: still one psum.
     row = jnp.arange(rows, dtype=own.dtype) == own
     sums = tuple(jnp.where(expand(row, s.ndim + 1, 0), s, 0) for s in sums)
-    first, second, count = lax.psum(sums, groups.names)
+    first, second, count = _psum(sums, groups.names)
     safe = jnp.maximum(count, 1)[:, None]
     stacked = _batch_stats(first / safe, second / safe, shift, n)
     if mask is None:
@@ -197,6 +195,23 @@ def _ghost_batches(groups, x, axis, shift, mask, *, n, least, dtype) -> Statisti
     n_update = jnp.sum(jnp.where(enough, count, 0)) // jnp.maximum(trained, 1)
     stats = _pooled(stacked, own, enough, count[own], n_update, dtype)
     return stats._replace(enough=(enough[own], trained > 0))
+
+
+def _psum(sums, names):
+    """`lax.psum` of `sums` over the named axes, or, where JAX's varying-axes check
+    (`jax.shard_map`'s default `check_vma=True`) refuses a collective over a `vmap`
+    axis, a `ValueError` that names the fix."""
+    try:
+        return lax.psum(sums, names)
+    except ValueError as error:
+        if "varying" not in str(error):
+            raise
+        raise ValueError(
+            f"`eqx_norm.BatchNorm(axis_name={names!r})` reduces over a `vmap` axis "
+            "inside `jax.shard_map`, whose varying-axes check refuses collectives "
+            "over `vmap` axes (so does `eqx.nn.BatchNorm`'s). Pass `check_vma=False` "
+            'to `jax.shard_map` ("Scaling out" in the guide shows the recipe).'
+        ) from error
 
 
 def _pooled(stacked, own, enough, n_own, n_update, dtype) -> Statistics:

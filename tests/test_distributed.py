@@ -140,8 +140,8 @@ def test_one_all_reduce_per_call(approach, getkey):
 
 def test_shard_map_with_checked_axes_is_refused(getkey):
     """JAX's varying-axes check refuses a collective over a `vmap` axis inside
-    `shard_map`; its error goes through unchanged (the docs say to pass
-    `check_vma=False`, as `eqx.nn.BatchNorm` needs too)."""
+    `shard_map`; the layer's error names the fix, `check_vma=False` (which
+    `eqx.nn.BatchNorm` needs too)."""
     bn, state = make(3, axis_name=("data", "batch"))
     body = jax.shard_map(
         lambda x, s: apply(bn, x, s),
@@ -149,8 +149,11 @@ def test_shard_map_with_checked_axes_is_refused(getkey):
         in_specs=(P("data"), P()),
         out_specs=(P("data"), P()),
     )
-    with pytest.raises(ValueError, match="psum"):
-        jax.jit(body)(jnp.ones((16, 3)), state)
+    x = jax.device_put(jnp.ones((16, 3)), NamedSharding(mesh(), P("data")))
+    with pytest.raises(
+        ValueError, match=r"axis_name=\('data', 'batch'\).*check_vma=False"
+    ):
+        jax.jit(body)(x, state)
 
 
 def test_subgroup_statistics(getkey):
