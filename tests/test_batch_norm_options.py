@@ -92,8 +92,10 @@ def test_channel_axis_must_be_an_int(value):
 @pytest.mark.parametrize(
     "approach, shape, kwargs",
     [
-        ("running", (3, 4, 5), {"mask": True}),
-        ("renorm", (3, 4, 5), {"virtual_batch_size": 4}),
+        pytest.param("running", (3, 4, 5), {"mask": True}, marks=pytest.mark.slow),
+        pytest.param(
+            "renorm", (3, 4, 5), {"virtual_batch_size": 4}, marks=pytest.mark.slow
+        ),
         ("batch", (4, 3, 5), {"channel_axis": 1, "mask": True}),
     ],
     ids=["running-mask", "renorm-ghost", "middle-axis-mask"],
@@ -430,8 +432,20 @@ def _training_output(approach, mode, key, dtype=jnp.float32):
     return f, x, v
 
 
-@pytest.mark.parametrize("mode", list(_MODES))
-@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize(
+    "approach, mode",
+    [
+        # Every approach plain and two with each option in the default tier; the
+        # rest in the slow tier.
+        pytest.param(
+            a,
+            m,
+            marks=() if m == "plain" or a in ("batch", "running") else pytest.mark.slow,
+        )
+        for a in APPROACHES
+        for m in _MODES
+    ],
+)
 def test_jvp_equals_finite_differences_and_jacfwd_equals_jacrev(approach, mode, getkey):
     """In float64: `jax.jvp` of a training call equals central differences, and
     `jax.jacfwd` equals `jax.jacrev`. (Renorm's corrections are stop-gradients, so

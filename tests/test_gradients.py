@@ -45,7 +45,14 @@ def _grads_of(bn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(16, 3), (8, 3, 5), (4, 3, 2, 3)])
+@pytest.mark.parametrize(  # one shape in the default tier, the others in the slow
+    "shape",
+    [
+        pytest.param((16, 3), marks=pytest.mark.slow),
+        (8, 3, 5),
+        pytest.param((4, 3, 2, 3), marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("approach", ["batch", "ema", "renorm"])
 def test_backward_matches_autodiff(approach, shape, dtype, getkey, monkeypatch):
     """Weight, bias and input gradients over 4 steps equal autodiff of the plain

@@ -343,7 +343,15 @@ def test_update_without_params_is_refused():
 loss_fn = mse_loss
 
 
-@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize(
+    "approach",
+    [
+        a
+        if a in ("batch", "ema", "running")
+        else pytest.param(a, marks=pytest.mark.slow)
+        for a in APPROACHES
+    ],
+)
 def test_sam_step_keeps_first_pass_state(approach, getkey):
     rho, lr = 0.05, 0.1
     model, state = eqx.nn.make_with_state(Net)(getkey(), approach)
@@ -557,12 +565,28 @@ _WRAPPERS = {
 }
 
 
+_STEP_MODES = {
+    "whole-batch": {},
+    "micro-batches": {"micro_batches": 2},
+    "per-micro-batch": {"micro_batches": 2, "perturbation": "per-micro-batch"},
+}
+
+
 @pytest.mark.standard_promotion  # optax.MultiSteps
-@pytest.mark.parametrize("wrapper", sorted(_WRAPPERS))
 @pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"micro_batches": 2}, {"micro_batches": 2, "perturbation": "per-micro-batch"}],
-    ids=["whole-batch", "micro-batches", "per-micro-batch"],
+    "wrapper, kwargs",
+    [
+        # Each wrapper and each mode once in the default tier (a diagonal); every
+        # pair in the slow tier.
+        pytest.param(
+            w,
+            k,
+            id=f"{m}-{w}",
+            marks=() if i == j else pytest.mark.slow,
+        )
+        for i, w in enumerate(sorted(_WRAPPERS))
+        for j, (m, k) in enumerate(_STEP_MODES.items())
+    ],
 )
 def test_every_step_mode_works_inside_optax_wrappers(wrapper, kwargs, getkey):
     """Per-micro-batch perturbation crashed inside `optax.apply_if_finite` (its
