@@ -17,6 +17,7 @@ from ._approaches import (
     SmoothStart as SmoothStart,
 )
 from ._batch_norm import BatchNorm as BatchNorm
+from ._channel_affine import ChannelAffine as ChannelAffine
 from ._checkpoint import load as load, save as save
 from ._diagnose import (
     Diagnosis as Diagnosis,
@@ -58,6 +59,7 @@ __all__ = [
     "Batch",
     "BatchNorm",
     "BatchStats",
+    "ChannelAffine",
     "Diagnosis",
     "EMA",
     "Frozen",

@@ -1,7 +1,6 @@
 """Folding inference-mode BatchNorm layers into the linear layer before them, for
 serving."""
 
-import warnings
 from typing import Any
 
 import equinox as eqx
@@ -12,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._batch_norm import BatchNorm
+from ._channel_affine import ChannelAffine
 from ._from_equinox import equinox_inference_statistics
 
 _FOLDABLE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
@@ -267,21 +267,29 @@ _FIXED_DIMENSIONS = (
 )
 
 
-_ROOT = "(the model itself)"
+def _served(bn, state: eqx.nn.State, where: str) -> ChannelAffine:
+    """The BatchNorm's inference-mode normalisation as a stateless map."""
+    scale, shift = _affine(bn, state, where)
+    axis = bn.channel_axis if isinstance(bn, BatchNorm) else 0
+    return ChannelAffine(scale, shift, axis)
 
 
 def fold(
     model: PyTree, state: eqx.nn.State, *, strict: bool = False
 ) -> tuple[PyTree, eqx.nn.State]:
-    """Fold every BatchNorm that directly follows a linear layer into it, for serving.
+    """Fold every BatchNorm of a model for serving: into the linear layer before it
+    where the model's structure shows one, else into a stateless per-channel map.
 
     Inside every `eqx.nn.Sequential` of the model (nested ones included), each
     [`eqx_norm.BatchNorm`][] or `eqx.nn.BatchNorm` right after an `eqx.nn.Linear`,
     `eqx.nn.Conv` or `eqx.nn.ConvTranspose` that normalises that layer's output
     channels is folded into that layer (see [`eqx_norm.fold_into`][]) and replaced
-    by `eqx.nn.Identity`. Anything in between (an `eqx.nn.Lambda` activation, say),
-    or a BatchNorm over another axis, prevents folding, as it must. The folded
-    model computes what the original computes in inference mode.
+    by `eqx.nn.Identity`. Every other BatchNorm (after an activation, over another
+    axis, or in a module of your own, such as a residual block that calls
+    `h, state = self.bn1(h, state)`) is replaced by an
+    [`eqx_norm.ChannelAffine`][]: its inference-mode normalisation as
+    `x * scale + shift`, called as the BatchNorm was. The folded model computes what
+    the original computes in inference mode, and holds no BatchNorm.
 
     ```python
     served, served_state = eqx_norm.fold(model, state)
@@ -291,29 +299,29 @@ def fold(
 
     - `model`: any pytree.
     - `state`: its `eqx.nn.State`.
-    - `strict`: if `True`, a BatchNorm that cannot be folded is an error instead of
-        a warning.
+    - `strict`: if `True`, a BatchNorm that cannot be folded into a layer before it
+        is an error instead of becoming an `eqx_norm.ChannelAffine`.
 
     **Returns:**
 
     A 2-tuple `(model, state)`: a new model (a `Linear` or `Conv` subclass of
     Equinox's own is rebuilt as the same class; a user's subclass that gains a bias
     is rebuilt as `eqx.nn.Conv` or `eqx.nn.ConvTranspose`). The state holds only
-    what the remaining stateful layers need; where every BatchNorm was folded the
-    model holds no `eqx_norm` object, serialises with `eqx.tree_serialise_leaves`,
-    runs without `eqx_norm` installed, and (as an `eqx.nn.Sequential`) can be called
-    without a state. A BatchNorm left in place still reads its statistics from the
-    returned state: call such a model as `model(x, state)`.
+    what the model's other stateful layers need, if any. Where every BatchNorm was
+    folded into a layer the model holds no `eqx_norm` object, serialises with
+    `eqx.tree_serialise_leaves`, runs without `eqx_norm` installed, and (as an
+    `eqx.nn.Sequential`) can be called without a state. A module of your own is
+    called as before, `y, state = model(x, state)`, with the returned state.
 
     **Raises:**
 
-    A `ValueError` with `strict=True` if a BatchNorm is left in place, naming it;
-    and, as [`eqx_norm.fold_into`][] raises it, naming the layer's path, if a
-    folded channel's scale or shift is not finite (a zero variance with `eps=0`) or
-    overflows the layer's dtype. Under `jax.jit` those values are not checked.
+    A `ValueError` with `strict=True` if a BatchNorm cannot be folded into a layer,
+    naming it and why; and, as [`eqx_norm.fold_into`][] raises it, naming the
+    layer's path, if a channel's scale or shift is not finite (a zero variance with
+    `eps=0`) or overflows the layer's dtype. Under `jax.jit` those values are not
+    checked.
     """
-    left: list[str] = []  # the paths of the BatchNorms left in place, with reasons
-    explained: set[str] = set()
+    unfolded: list[str] = []  # the BatchNorms not folded into a layer, with reasons
 
     def fold_sequential(seq: eqx.nn.Sequential, where: str) -> eqx.nn.Sequential:
         layers = [
@@ -322,50 +330,50 @@ def fold(
             else x
             for i, x in enumerate(seq.layers)
         ]
-        for i in range(1, len(layers)):
-            if not (_is_norm(layers[i]) and isinstance(layers[i - 1], _FOLDABLE)):
+        for i in range(len(layers)):
+            if not _is_norm(layers[i]):
                 continue
-            reason = _unfoldable(layers[i - 1], layers[i])
-            if reason is not None:
-                left.append(f"{where}.layers[{i}] ({reason})")
-                explained.add(f"{where}.layers[{i}]")
-                continue
-            layers[i - 1] = _fold_pair(
-                layers[i - 1],
-                layers[i],
-                state,
-                f"`fold`: the BatchNorm at {where + f'.layers[{i}]'!r}",
+            here = f"{where}.layers[{i}]"
+            before = layers[i - 1] if i else None
+            reason = (
+                "it does not directly follow an `eqx.nn.Linear`, `eqx.nn.Conv` or "
+                "`eqx.nn.ConvTranspose`"
+                if not isinstance(before, _FOLDABLE)
+                else _unfoldable(before, layers[i])
             )
+            message = f"`fold`: the BatchNorm at {here!r}"
+            if reason is not None:
+                unfolded.append(f"{here} ({reason})")
+                layers[i] = _served(layers[i], state, message)
+                continue
+            layers[i - 1] = _fold_pair(before, layers[i], state, message)
             layers[i] = eqx.nn.Identity()
         return eqx.nn.Sequential(layers)
 
     def visit(path, x):
         if isinstance(x, eqx.nn.Sequential):
             return fold_sequential(x, jtu.keystr(path))
+        if _is_norm(x):  # in a module of the user's own
+            here = jtu.keystr(path) or _ROOT
+            unfolded.append(f"{here} (in a module other than `eqx.nn.Sequential`)")
+            return _served(x, state, f"`fold`: the BatchNorm at {here!r}")
         return x
 
-    is_sequential = lambda x: isinstance(x, eqx.nn.Sequential)  # noqa: E731
-    folded = jtu.tree_map_with_path(visit, model, is_leaf=is_sequential)
-    left += [
-        jtu.keystr(path) or _ROOT
-        for path, leaf in jtu.tree_leaves_with_path(folded, is_leaf=_is_norm)
-        if _is_norm(leaf) and (jtu.keystr(path) or _ROOT) not in explained
-    ]
-    if left:
-        message = (
-            f"`fold` left {len(left)} BatchNorm layer(s) in place at {left}: each "
-            "must directly follow an `eqx.nn.Linear`, `eqx.nn.Conv` or "
-            "`eqx.nn.ConvTranspose` in an `eqx.nn.Sequential` and normalise its "
-            "output channels (an activation in between prevents folding). Those "
-            "layers still need their statistics: call the folded model with the "
-            "state `fold` returns, `y, _ = model(x, state)`, in inference mode. Use "
-            "`eqx_norm.fold_into` for custom modules."
-        )
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
-    # A new state for the folded model: each remaining state index starts from its
-    # current value.
+    is_node = lambda x: isinstance(x, eqx.nn.Sequential) or _is_norm(x)  # noqa: E731
+    if strict:
+        jtu.tree_map_with_path(visit, model, is_leaf=is_node)  # to list them
+        if unfolded:
+            raise ValueError(
+                f"`fold(strict=True)`: {len(unfolded)} BatchNorm layer(s) cannot be "
+                f"folded into the layer before them: {unfolded}. Each must directly "
+                "follow an `eqx.nn.Linear`, `eqx.nn.Conv` or `eqx.nn.ConvTranspose` "
+                "in an `eqx.nn.Sequential` and normalise its output channels. "
+                "Without `strict`, each becomes an `eqx_norm.ChannelAffine` (its "
+                "inference-mode normalisation, with no state)."
+            )
+    folded = jtu.tree_map_with_path(visit, model, is_leaf=is_node)
+    # A new state for the folded model: each remaining state index (of the model's
+    # other stateful layers) starts from its current value.
     is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
     folded = jtu.tree_map(
         lambda x: eqx.nn.StateIndex(state.get(x)) if is_index(x) else x,
@@ -373,3 +381,6 @@ def fold(
         is_leaf=is_index,
     )
     return eqx.nn.make_with_state(lambda: folded)()
+
+
+_ROOT = "(the model itself)"

@@ -5,6 +5,7 @@ framework's own inference output."""
 import subprocess
 import sys
 import textwrap
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -229,26 +230,133 @@ def _after_activation(key):
     )
 
 
-def test_batch_norm_after_an_activation_is_left_and_reported(getkey):
+def test_batch_norm_after_an_activation_becomes_a_channel_affine(getkey):
+    """It was left in place with a warning, so the served model still needed a
+    state; now it becomes its inference-mode map, and the state is empty."""
     model, state = eqx.nn.make_with_state(_after_activation)(getkey())
     state = _trained(model, state, getkey(), (8, 4))
     x = jax.random.normal(getkey(), (4, 4))
-    with pytest.warns(UserWarning, match=r"left 1 BatchNorm.*\.layers\[3\]"):
-        folded, folded_state = _assert_folds(model, state, x, rtol=1e-5)
+    folded, folded_state = _assert_folds(model, state, x, rtol=1e-5)
     assert isinstance(folded.layers[1], eqx.nn.Identity)
-    assert isinstance(folded.layers[3], eqx_norm.BatchNorm)
-    # The state keeps the remaining layer's statistics, and only those.
-    assert len(jax.tree.leaves(folded_state)) == 3
-    np.testing.assert_array_equal(
-        folded.layers[3].statistics(folded_state)[0],
-        model.layers[3].statistics(state)[0],
-    )
+    assert isinstance(folded.layers[3], eqx_norm.ChannelAffine)
+    assert not jax.tree.leaves(folded_state)
+    assert not eqx_norm.batch_norms(folded)
+    # A Sequential with nothing stateful left runs without a state, in one jit.
+    expected, _ = _run(model, clone(state), x, inference=True)
+    np.testing.assert_allclose(jax.jit(jax.vmap(folded))(x), expected, rtol=1e-5)
 
 
 def test_strict_fold_refuses_to_leave_a_batch_norm(getkey):
     model, state = eqx.nn.make_with_state(_after_activation)(getkey())
-    with pytest.raises(ValueError, match=r"left 1 BatchNorm.*\.layers\[3\]"):
+    before = leaves((model, state))
+    with pytest.raises(
+        ValueError,
+        match=r"`fold\(strict=True\)`: 1 BatchNorm layer\(s\) cannot be folded.*"
+        r"\.layers\[3\] \(it does not directly follow",
+    ):
         eqx_norm.fold(model, state, strict=True)
+    assert_same((model, state), before)
+
+
+class _Block(eqx.Module):
+    """A residual block written as the guide writes models: each BatchNorm called
+    as `h, state = self.bn(h, state)`."""
+
+    conv1: eqx.nn.Conv2d
+    bn1: Any
+    conv2: eqx.nn.Conv2d
+    bn2: Any
+
+    def __init__(self, c, key, norm):
+        k1, k2 = jax.random.split(key)
+        self.conv1 = eqx.nn.Conv2d(c, c, 3, padding=1, use_bias=False, key=k1)
+        self.bn1 = norm(c)
+        self.conv2 = eqx.nn.Conv2d(c, c, 3, padding=1, use_bias=False, key=k2)
+        self.bn2 = norm(c)
+
+    def __call__(self, x, state):
+        h, state = self.bn1(self.conv1(x), state)
+        h, state = self.bn2(self.conv2(jax.nn.relu(h)), state)
+        return jax.nn.relu(h + x), state
+
+
+class _ResNet(eqx.Module):
+    stem: eqx.nn.Sequential
+    blocks: list
+    head: eqx.nn.Linear
+
+    def __init__(self, key, norm=lambda c: eqx_norm.BatchNorm(c, "batch")):
+        k = jax.random.split(key, 4)
+        self.stem = eqx.nn.Sequential(
+            [
+                eqx.nn.Conv2d(1, 4, 3, padding=1, key=k[0]),
+                norm(4),
+                eqx.nn.Lambda(jax.nn.relu),
+            ]
+        )
+        self.blocks = [_Block(4, k[1], norm), _Block(4, k[2], norm)]
+        self.head = eqx.nn.Linear(4, 3, key=k[3])
+
+    def __call__(self, x, state):
+        h, state = self.stem(x, state)
+        for block in self.blocks:
+            h, state = block(h, state)
+        return self.head(jnp.mean(h, axis=(1, 2))), state
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda c: eqx_norm.BatchNorm(c, "batch", approach="renorm", momentum=0.5),
+        lambda c: eqx.nn.BatchNorm(c, "batch", mode="batch", momentum=0.5),
+    ],
+    ids=["eqx_norm", "equinox"],
+)
+def test_fold_serves_a_model_with_custom_blocks(norm, getkey):
+    """Regression: a block that calls `h, state = self.bn1(h, state)` was left
+    unfolded with a warning pointing to `fold_into`, and putting `eqx.nn.Identity`
+    where the BatchNorm was (what the warning said) failed with "takes 2 positional
+    arguments but 3 were given". Now the stem folds into its convolution and each
+    block's BatchNorms become their inference-mode maps: no BatchNorm is left, no
+    state is needed, and the served model computes what inference computes."""
+    model, state = eqx.nn.make_with_state(_ResNet)(getkey(), norm)
+    state = _trained(model, state, getkey(), (8, 1, 6, 6))
+    x = jax.random.normal(getkey(), (5, 1, 6, 6))
+    expected, _ = _run(model, clone(state), x, inference=True)
+    served, served_state = eqx_norm.fold(model, clone(state))
+    served = cast(Any, served)
+    is_norm = lambda m: isinstance(m, (eqx_norm.BatchNorm, eqx.nn.BatchNorm))  # noqa
+    assert not [m for m in jax.tree.leaves(served, is_leaf=is_norm) if is_norm(m)]
+    assert isinstance(served.stem.layers[1], eqx.nn.Identity)  # folded into the conv
+    assert isinstance(served.blocks[0].bn1, eqx_norm.ChannelAffine)
+    assert not jax.tree.leaves(served_state)
+    got, _ = jax.jit(jax.vmap(served, in_axes=(0, None), out_axes=(0, None)))(
+        x, served_state
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # The map computes exactly what the BatchNorm's own inference computes.
+    if isinstance(model.blocks[0].bn1, eqx_norm.BatchNorm):
+        h = jax.random.normal(getkey(), (4, 6, 6))
+        bn = eqx.nn.inference_mode(model.blocks[0].bn1)
+        np.testing.assert_array_equal(
+            served.blocks[0].bn1(h, served_state)[0], bn(h, clone(state))[0]
+        )
+        np.testing.assert_array_equal(served.blocks[0].bn1(h), bn(h, state)[0])
+
+
+def test_channel_affine_on_a_channels_last_batch_norm(getkey):
+    """A `channel_axis=-1` BatchNorm (which cannot fold into the Conv before it)
+    becomes a map over the same axis."""
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            eqx.nn.Conv1d(3, 5, 3, key=getkey()),
+            eqx_norm.BatchNorm(4, "batch", channel_axis=-1, momentum=0.5),
+        ]
+    )
+    state = _trained(model, state, getkey(), (8, 3, 6))
+    x = jax.random.normal(getkey(), (3, 3, 6))
+    folded, _ = _assert_folds(model, state, x, rtol=1e-6)
+    assert folded.layers[1].channel_axis == -1
 
 
 @pytest.mark.slow  # a subprocess
@@ -379,20 +487,21 @@ def test_fold_into_refuses_a_channel_axis_out_of_range(layer, axis, name, rank, 
         rf"{name}"
     )
     _assert_fold_into_refuses(layer, bn, state, message)
-    # `fold` leaves such a layer in place and says why.
+    # `fold(strict=True)` names such a layer and says why.
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
         [layer, eqx_norm.BatchNorm(4, "batch", channel_axis=axis)]
     )
-    with pytest.warns(UserWarning, match=rf"\.layers\[1\] \(the BatchNorm .*{name}"):
-        folded, _ = eqx_norm.fold(model, state)
-    assert isinstance(folded.layers[1], eqx_norm.BatchNorm)
+    with pytest.raises(ValueError, match=rf"\.layers\[1\] \(the BatchNorm .*{name}"):
+        eqx_norm.fold(model, state, strict=True)
+    folded, _ = eqx_norm.fold(model, state)
+    assert isinstance(folded.layers[1], eqx_norm.ChannelAffine)
 
 
-def test_fold_leaves_a_batch_norm_over_another_axis_in_place(getkey):
+def test_fold_maps_a_batch_norm_over_another_axis(getkey):
     """A BatchNorm over the width of a Conv2d's output (here as wide as the channels)
-    is a working model that cannot be folded: it is left in place, with the reason,
-    and still computes what it did. A BatchNorm of another channel count is left too
-    (it raised before)."""
+    is a working model that cannot be folded into the convolution: it becomes its
+    inference-mode map over that axis, and `strict=True` names it with the reason.
+    A BatchNorm of another channel count is named too (it raised before)."""
 
     def build(key):
         k1, k2 = jax.random.split(key)
@@ -408,23 +517,19 @@ def test_fold_leaves_a_batch_norm_over_another_axis_in_place(getkey):
 
     model, state = eqx.nn.make_with_state(build)(getkey())
     x = jax.random.normal(getkey(), (2, 3, 5, 4))
-    with pytest.warns(
-        UserWarning,
-        match=r"left 2 BatchNorm.*\.layers\[1\] \(the BatchNorm's `channel_axis=-1` "
+    with pytest.raises(
+        ValueError,
+        match=r"2 BatchNorm.*\.layers\[1\] \(the BatchNorm's `channel_axis=-1` "
         r"is not the Conv2d's output channels.*\.layers\[4\] \(the BatchNorm "
         r"normalises 5 channels, but the Linear before it has 6",
     ):
-        folded, folded_state = eqx_norm.fold(model, state)
-    assert isinstance(folded.layers[1], eqx_norm.BatchNorm)
-    assert isinstance(folded.layers[4], eqx_norm.BatchNorm)
+        eqx_norm.fold(model, state, strict=True)
+    folded, folded_state = eqx_norm.fold(model, state)
+    assert isinstance(folded.layers[1], eqx_norm.ChannelAffine)
+    assert isinstance(folded.layers[4], eqx_norm.ChannelAffine)
     inference = eqx.nn.inference_mode(eqx.nn.Sequential(model.layers[:4]))
     expected, _ = jax.vmap(inference, (0, None), (0, None), axis_name="batch")(x, state)
-    got, _ = jax.vmap(
-        eqx.nn.inference_mode(eqx.nn.Sequential(folded.layers[:4])),
-        (0, None),
-        (0, None),
-        axis_name="batch",
-    )(x, folded_state)
+    got = jax.vmap(eqx.nn.Sequential(folded.layers[:4]))(x)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -623,7 +728,8 @@ def test_fold_into_with_the_state_of_another_model(getkey):
 
 def test_fold_without_a_batch_norm_or_with_only_one(getkey):
     """A model without BatchNorm comes back as it was, with no warning; a bare
-    BatchNorm (no layer before it) is named as the model itself, not as `''`."""
+    BatchNorm (no layer before it) becomes its map, and `strict=True` names it as
+    the model itself, not as `''`."""
     model = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=getkey())])
     folded, folded_state = eqx_norm.fold(
         model, eqx.nn.make_with_state(eqx.nn.Identity)()[1]
@@ -631,20 +737,10 @@ def test_fold_without_a_batch_norm_or_with_only_one(getkey):
     assert eqx.tree_equal(folded, model)
     assert not jax.tree.leaves(folded_state)
     bn, state = _bn(4)
-    with pytest.warns(UserWarning, match=r"in place at \['\(the model itself\)'\]"):
-        eqx_norm.fold(bn, state)
-
-
-def test_partly_folded_model_warning_says_it_needs_its_state(getkey):
-    """Called without a state, such a model fails inside Equinox with `'object'
-    object has no attribute 'get'`; the warning said nothing of the state."""
-    model, state = eqx.nn.make_with_state(_after_activation)(getkey())
-    with pytest.warns(
-        UserWarning,
-        match=r"still need their statistics: call the folded model with the state "
-        r"`fold` returns, `y, _ = model\(x, state\)`",
-    ):
-        eqx_norm.fold(model, state)
+    folded, _ = eqx_norm.fold(bn, state)
+    assert isinstance(folded, eqx_norm.ChannelAffine)
+    with pytest.raises(ValueError, match=r"\['\(the model itself\) \(in a module"):
+        eqx_norm.fold(bn, state, strict=True)
 
 
 def test_fold_under_jit_equals_fold(getkey):
