@@ -290,6 +290,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if isinstance(running, Recording):  # in a recording pass
             running = running.running
         for name, array in (("mean", running.mean), ("var", running.var)):
+            if array.shape[1:] == (self.input_size,):
+                raise ValueError(
+                    f"`eqx_norm.BatchNorm(input_size={self.input_size})` was given a "
+                    f"state whose running {name} has shape {tuple(array.shape)}: a "
+                    f"leading axis of {array.shape[0]} (the batch size) before the "
+                    f"{self.input_size} channels. The state was returned by a "
+                    "`jax.vmap` that mapped it over the batch: give the state "
+                    "`out_axes=None`, e.g. `jax.vmap(model, in_axes=(0, None), "
+                    "out_axes=(0, None), axis_name=...)(x, state)`, and start again "
+                    "from the state before that call."
+                )
             if array.shape != (self.input_size,):
                 raise ValueError(
                     f"`eqx_norm.BatchNorm(input_size={self.input_size})` was given a "
@@ -384,7 +395,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         axis = channel_axis_of(x, self.input_size, self.channel_axis)
         running = self._running(state)
-        if self.inference if inference is None else inference:
+        if _inference(self.inference if inference is None else inference):
             mean, var = self.approach.infer(running, self.momentum)
             return self._normalise(x, axis, mean, var), state
         if mask is not None:
@@ -463,6 +474,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             offset = -mean * scale
         return affine(x, scale, offset, axis)
+
+
+def _inference(flag) -> bool:
+    """The `inference` flag as a bool, or a `TypeError` pointing to
+    `eqx.filter_jit` where it is traced: the model went through `jax.jit` as an
+    argument, which traces every leaf, Python bools included."""
+    if isinstance(flag, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+        raise TypeError(
+            "`eqx_norm.BatchNorm` got an `inference` flag that is a traced array, "
+            "not a bool: the model was passed through `jax.jit` (or another "
+            "transformation of all its leaves), which traces every leaf, the flag "
+            "included. Use `eqx.filter_jit`, which keeps non-array leaves static, "
+            "e.g. `loss = eqx.filter_jit(loss_fn)`; pass `inference=` as a Python "
+            "bool."
+        )
+    return flag
 
 
 def _where(keep: Array, new: RunningStats, old: RunningStats) -> RunningStats:

@@ -414,6 +414,26 @@ def test_state_of_another_layer_is_refused(inference):
         bn6.statistics(state1)
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_state_returned_without_out_axes_names_out_axes(inference):
+    """Regression: a `vmap` without `out_axes=(0, None)` returned the state stacked
+    over the batch, and the next call said "the state of another layer ...
+    make_with_state". The error now names the leading axis and `out_axes`."""
+    bn, state = make(3)
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    _, stacked = jax.vmap(bn, in_axes=(0, None), axis_name="batch")(x, state)
+    before = leaves(stacked)
+    with pytest.raises(
+        ValueError,
+        match=r"running mean has shape \(5, 3\): a leading axis of 5 \(the batch "
+        r"size\).*out_axes=\(0, None\)",
+    ):
+        apply(bn, x, stacked, inference=inference)
+    with pytest.raises(ValueError, match=r"a leading axis of 5.*out_axes"):
+        bn.statistics(stacked)
+    assert_same(stacked, before)
+
+
 def test_a_scalar_example_names_the_shape():
     bn, state = make(3)
     with pytest.raises(ValueError, match=r"input_size=3.*shape \(\)"):
