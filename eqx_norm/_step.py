@@ -1,9 +1,11 @@
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 import optax
 
@@ -200,6 +202,7 @@ def sam_step(
     optimizer = optax.with_extra_args_support(optimizer)
 
     def step(model, state, opt_state, *batch):
+        _check_not_traced_whole(model)
         params, static = eqx.partition(model, eqx.is_inexact_array)
         _check_opt_state(optimizer, opt_state, params)
         _check_not_empty(batch)
@@ -220,7 +223,9 @@ def sam_step(
             mean(first.grads),
             opt_state,
             params,
-            grad_fn=_Gradients(first, loss_and_rest, source, mean),
+            grad_fn=_Gradients(
+                first, loss_and_rest, source, mean, _accumulating(opt_state)
+            ),
         )
         model = eqx.apply_updates(model, updates)
         if has_aux:
@@ -251,11 +256,22 @@ class _Gradients(StepGradient):
     `source` names: `"mean"` (the one the optimizer was given), `"device"` (this
     device's own) or `"micro-batch"` (each micro-batch's own)."""
 
-    def __init__(self, first: _FirstPass, loss_and_rest, source: str, mean):
+    def __init__(
+        self, first: _FirstPass, loss_and_rest, source: str, mean, accumulating
+    ):
         self.first = first
         self.loss_and_rest = loss_and_rest
         self.source = source
         self.mean = mean
+        self.accumulating = accumulating
+
+    def _refuse_accumulation(self, grads):
+        """`grads`, stopped at run time where an `optax.MultiSteps` accumulates
+        (`every_k_schedule` above 1): the second gradient would be of the last
+        mini-batch only."""
+        if self.accumulating is None:
+            return grads
+        return eqx.error_if(grads, self.accumulating, _MULTI_STEPS)
 
     def __call__(self, params):
         if self.source != "mean":
@@ -271,34 +287,129 @@ class _Gradients(StepGradient):
                 "`eqx_norm.perturbed_gradient(grad_fn, rule, grads, params)`, as "
                 "`eqx_norm.sam` does."
             )
-        return self.mean(self.first.gradient_at(params))
+        return self._refuse_accumulation(self.mean(self.first.gradient_at(params)))
 
     def perturbed(self, rule, grads, params):
         first = self.first
         if self.source == "micro-batch" and first.parts is not None:
-            return self.mean(
-                _per_micro_batch(self.loss_and_rest, rule, params, first.parts)
+            out = _per_micro_batch(self.loss_and_rest, rule, params, first.parts)
+        else:
+            own = grads if self.source == "mean" else first.grads
+            out = first.gradient_at(perturb(params, rule(own, params)))
+        return self._refuse_accumulation(self.mean(out))
+
+
+_MULTI_STEPS = (
+    "A SAM-family optimizer inside `optax.MultiSteps` with `every_k_schedule` above "
+    "1 would perturb with the gradient accumulated over the mini-batches but take "
+    "the gradient at the perturbed point on the last mini-batch only, so the "
+    "earlier mini-batches would never reach the update. For SAM over accumulated "
+    "batches, give `sam_step` the whole batch and the optimizer without "
+    "`MultiSteps`: `eqx_norm.sam_step(loss_fn, eqx_norm.sam(...), "
+    "micro_batches=k)` splits it into k micro-batches and evaluates both gradients "
+    "on all of them."
+)
+
+
+def _accumulating(opt_state) -> Any:
+    """Whether an `optax.MultiSteps` in `opt_state` is between two updates (its
+    mini-step above 0, which happens only with `every_k_schedule` above 1), as a
+    boolean array; `None` where there is no `MultiSteps`. The number of
+    mini-batches may be a schedule, so it is known only when the step runs."""
+    is_multi = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
+    found = [
+        x.mini_step > 0
+        for x in jax.tree.leaves(opt_state, is_leaf=is_multi)
+        if is_multi(x)
+    ]
+    return None if not found else functools.reduce(jnp.logical_or, found)
+
+
+def _check_not_traced_whole(model) -> None:
+    """A `TypeError` pointing to `eqx.filter_jit` if the model's `inference` flags
+    are traced: the step was wrapped in `jax.jit`, which traces every leaf of its
+    arguments, Python bools included, where `eqx.filter_jit` keeps them static."""
+    for path, leaf in jtu.tree_leaves_with_path(model):
+        name = getattr(path[-1], "name", None) if path else None
+        traced = isinstance(leaf, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
+        if name == "inference" and traced:
+            raise TypeError(
+                f"`sam_step`'s step got a model whose `inference` flag (at "
+                f"`model{jtu.keystr(path)}`) is a traced array, not a bool: the step "
+                "was wrapped in `jax.jit`, which traces every leaf of the model. "
+                "Wrap it in `eqx.filter_jit` instead, which keeps non-array leaves "
+                "static: `step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, "
+                "optimizer))`."
             )
-        own = grads if self.source == "mean" else first.grads
-        return self.mean(first.gradient_at(perturb(params, rule(own, params))))
 
 
 def _check_opt_state(optimizer, opt_state, params) -> None:
     """A `ValueError` naming `opt_state` if it is not the state `optimizer.init`
-    makes for these parameters (another optimizer's, or other parameters')."""
+    makes for these parameters (another optimizer's, or other parameters'),
+    showing the first place where the two differ."""
     expected = jax.eval_shape(optimizer.init, params)
-    same = jax.tree.structure(expected) == jax.tree.structure(opt_state) and all(
-        np.shape(a) == np.shape(b)
-        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(opt_state))
-    )
-    if not same:
+    difference = _first_difference(expected, opt_state)
+    if difference is not None:
         raise ValueError(
             "`opt_state` is not a state of this step's optimizer for this model: "
-            f"the optimizer makes {_describe(expected)}, but the step got "
-            f"{_describe(opt_state)}. Make it with "
-            "`optimizer.init(eqx.filter(model, eqx.is_inexact_array))`, with the "
-            "optimizer given to `sam_step`."
+            f"{difference}. Make it with "
+            "`optimizer.init(eqx.filter(model, eqx.is_inexact_array))` (the "
+            "parameters only, not the whole model), with the optimizer given to "
+            "`sam_step`."
         )
+
+
+def _first_difference(expected: Any, got: Any) -> str | None:
+    """Where two optimizer states first differ in structure, or in a leaf's type or
+    shape, as a sentence naming the path; `None` where they agree. `None` leaves
+    (what `eqx.filter` leaves of a model's non-parameters) count as leaves, so that
+    a state made from the unfiltered model differs at the first such place."""
+
+    def flat(tree):
+        is_none = lambda x: x is None  # noqa: E731
+        return jtu.tree_flatten_with_path(tree, is_leaf=is_none)[0]
+
+    def picture(x):
+        if x is None:
+            return "nothing (`None`: not a parameter)"
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return f"an array {x.dtype}{list(x.shape)}"
+        return f"a {type(x).__name__}"
+
+    ours, theirs = flat(expected), flat(got)
+    whole = (
+        f" (the optimizer makes {_describe(expected)}, but the step got "
+        f"{_describe(got)})"
+    )
+    for (p, a), (q, b) in zip(ours, theirs):
+        if p != q:
+            return (
+                f"the optimizer's state has {picture(a)} at `opt_state"
+                f"{jtu.keystr(p)}` where the step got {picture(b)} at `opt_state"
+                f"{jtu.keystr(q)}`{whole}"
+            )
+        if (a is None) != (b is None) or np.shape(a) != np.shape(b):
+            return (
+                f"at `opt_state{jtu.keystr(p)}` the optimizer makes {picture(a)}, "
+                f"but the step got {picture(b)}"
+            )
+    if len(ours) != len(theirs):
+        longer, n = (
+            (ours, "the optimizer's")
+            if len(ours) > len(theirs)
+            else (
+                theirs,
+                "the step's",
+            )
+        )
+        path, leaf = longer[min(len(ours), len(theirs))]
+        return (
+            f"{n} state goes on where the other ends, with {picture(leaf)} at "
+            f"`opt_state{jtu.keystr(path)}`{whole}"
+        )
+    if jax.tree.structure(expected) != jax.tree.structure(got):
+        return whole[2:-1]
+    return None
 
 
 def _check_not_empty(batch: tuple) -> None:
@@ -318,6 +429,14 @@ def _split(batch: tuple, m: int) -> tuple[Any, Callable[[Any], tuple]]:
     consecutive parts, stacked on a new leading axis; and `join`, which makes one
     micro-batch of those parts and the batch's scalars."""
     sizes = sorted({np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a)})
+    if not sizes:
+        got = "no batch" if not jax.tree.leaves(batch) else "only scalars"
+        raise ValueError(
+            f"`sam_step(micro_batches={m})` splits the batch's arrays along their "
+            f"leading axis, but the step got {got}. Pass the batch to the step, "
+            "`step(model, state, opt_state, x, y)`, with one row per example, or "
+            "use `micro_batches=1`."
+        )
     if len(sizes) > 1:
         raise ValueError(
             f"`sam_step(micro_batches={m})` got batch arrays of different leading "

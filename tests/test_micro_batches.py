@@ -356,3 +356,24 @@ def test_an_empty_batch_is_refused(micro_batches, getkey):
     with pytest.raises(ValueError, match="empty batch"):
         step(model, state, opt_state, x[:0], y[:0])
     assert_same(state, before)
+
+
+@pytest.mark.parametrize("batch", [(3.0,), ()], ids=["only-scalars", "no-batch"])
+def test_micro_batches_without_a_batch_array_names_micro_batches(batch, getkey):
+    """Regression: `sam_step(micro_batches=2)` given only scalars, or no batch,
+    failed inside `lax.scan` with "scan got no values to scan over"."""
+
+    def loss_fn(model, state, *extra):
+        x, _ = regression_data(jax.random.key(0))
+        return mse_loss(model, state, x, jnp.zeros((16, 2)))
+
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.sam(optax.sgd(0.1))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    before = leaves(clone(state))
+    got = "only scalars" if batch else "no batch"
+    with pytest.raises(ValueError, match=rf"`sam_step\(micro_batches=2\)`.*got {got}"):
+        eqx_norm.sam_step(loss_fn, opt, micro_batches=2)(
+            model, state, opt_state, *batch
+        )
+    assert_same(state, before)
