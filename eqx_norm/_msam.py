@@ -1,3 +1,4 @@
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -6,7 +7,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int
 
-from ._checks import non_negative
+from ._checks import non_negative, non_negative_at_run_time, optax_transformation
 from ._perturb import NextPerturbation
 
 # Optax's state types that hold a momentum, and the attribute that holds it.
@@ -29,7 +30,7 @@ class MSAMState(NamedTuple):
         is evaluated at).
     - `next`: the [`eqx_norm.NextPerturbation`][] of the next step,
         $-\\rho v / (\\lVert v \\rVert + 10^{-12})$ from the momentum $v$ after this
-        update (zeros before the first).
+        update, oriented as the gradient (zeros before the first).
     - `base_state`: the state of the base optimizer.
     """
 
@@ -53,21 +54,84 @@ def _momenta(base_state: optax.OptState) -> list[optax.Updates]:
     return found
 
 
-def _the_momentum(base_state: optax.OptState) -> optax.Updates:
-    """The one momentum in the base optimizer's state, or a `ValueError` naming
-    `base_optimizer` where there is none, or more than one."""
-    found = _momenta(base_state)
-    if len(found) == 1:
-        return found[0]
-    which = "no" if not found else f"{len(found)}"
-    raise ValueError(
-        f"`eqx_norm.msam` found {which} momentum in the state of `base_optimizer`; "
-        "it perturbs along the one momentum of the base optimizer: the `trace` of "
-        "an `optax.TraceState` (`optax.sgd(learning_rate, momentum=0.9)`) or the "
-        "first moment `mu` of an `optax.ScaleByAdamState` (`optax.adam`, "
-        "`optax.adamw`, `optax.nadam`, ...). Give it an optimizer with exactly one, "
-        "e.g. `eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)`."
+def _no_momentum(found: int) -> ValueError:
+    which = "no" if not found else f"{found}"
+    return ValueError(
+        f"`eqx_norm.msam` found {which} momentum in the state of `base_optimizer` "
+        "for a parameter; it perturbs along the one momentum of each parameter: the "
+        "`trace` of an `optax.TraceState` (`optax.sgd(learning_rate, momentum=0.9)`, "
+        "`optax.rmsprop(learning_rate, momentum=0.9)`) or the first moment `mu` of "
+        "an `optax.ScaleByAdamState` (`optax.adam`, `optax.adamw`, `optax.nadam`, "
+        "...). Give it an optimizer with exactly one per parameter, e.g. "
+        "`eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)`; parameters that "
+        "`optax.masked` or `optax.multi_transform` leave out are not perturbed."
     )
+
+
+def _per_parameter(params: optax.Params, base_state: optax.OptState) -> list[list]:
+    """For each leaf of `params`, the momenta of the base optimizer's state that
+    hold it, as `(index of the momentum, array)`: none where the base optimizer
+    leaves the parameter out (`optax.masked`, `optax.multi_transform`)."""
+    found = _momenta(base_state)
+    structure = jax.tree.structure(params)
+    out: list[list] = [[] for _ in range(structure.num_leaves)]
+    for k, momentum in enumerate(found):
+        for i, leaf in enumerate(structure.flatten_up_to(momentum)):
+            if not isinstance(leaf, optax.MaskedNode):
+                out[i].append((k, leaf))
+    if not found or any(len(held) > 1 for held in out):
+        raise _no_momentum(max(len(found), 1) if found else 0)
+    return out
+
+
+def _directions(base, params: optax.Params) -> list[Any]:
+    """For each momentum of the base optimizer, +1 where it is a trace of the
+    gradients (the update descends against it: `optax.sgd`, `optax.adam`) and -1
+    where it is a trace of the updates (it descends along it: the momentum of
+    `optax.rmsprop` and `optax.lars`, kept after the learning rate's negative
+    scale). Read from one update of a gradient of ones at zero parameters, made at
+    trace time; a `ValueError` naming `base_optimizer` where that leaves a momentum
+    at zero (a learning rate of 0 at the first step scales it away)."""
+    with jax.ensure_compile_time_eval():
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), p.dtype), params)
+        ones = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), p.dtype), params)
+        _, state = base.update(ones, base.init(zeros), zeros)
+        signs = []
+        for momentum in _momenta(state):
+            held = [
+                jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(momentum)
+            ]
+            total = sum(held, jnp.float32(0))
+            try:
+                value = float(total)
+            except jax.errors.ConcretizationTypeError:  # traced hyperparameters
+                signs.append(jnp.sign(total))
+                continue
+            if not value or not math.isfinite(value):
+                raise ValueError(
+                    "`eqx_norm.msam` cannot tell which way the momentum of "
+                    "`base_optimizer` points: after one update with a gradient of "
+                    f"ones it sums to {value}. A learning rate of 0 at the first "
+                    "step (a warm-up from 0) scales a momentum kept after it away: "
+                    "start the warm-up above 0, e.g. `init_value=1e-6`."
+                )
+            signs.append(1.0 if value > 0 else -1.0)
+    return signs
+
+
+def _ascent(
+    params: optax.Params, base_state: optax.OptState, signs: list[Any]
+) -> optax.Updates:
+    """The momentum of every parameter, oriented as the gradient (zero where the
+    base optimizer leaves a parameter out), in float32."""
+    held = _per_parameter(params, base_state)
+    leaves = [
+        jnp.zeros(jnp.shape(p), jnp.float32)
+        if not h
+        else signs[h[0][0]] * h[0][1].astype(jnp.float32)
+        for p, h in zip(jax.tree.leaves(params), held)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
 def msam(
@@ -94,27 +158,52 @@ def msam(
     the norm likewise, and takes the norm over all parameters).
 
     What "the momentum" is, found by type anywhere in the base optimizer's state
-    (inside `optax.chain`, `optax.inject_hyperparams` and the like):
+    (inside `optax.chain`, `optax.inject_hyperparams`, `optax.masked`,
+    `optax.multi_transform` and the like):
 
-    - the `trace` of an `optax.TraceState`, $v_{t+1} = \mu v_t + g_t$:
-        `optax.sgd(lr, momentum=mu)` (Nesterov or not: the buffer, as the authors'
-        code), `optax.trace`;
+    - the `trace` of an `optax.TraceState`: `optax.sgd(lr, momentum=mu)` (Nesterov
+        or not: the buffer, as the authors' code), `optax.trace`, and the momentum
+        of `optax.rmsprop(lr, momentum=mu)` (centred or not) and `optax.lars`;
     - the first moment `mu` of an `optax.ScaleByAdamState`,
         $m_{t+1} = \beta_1 m_t + (1 - \beta_1) g_t$ (not debiased: the norm removes
         the scale), as the authors' AdamW variant: `optax.adam`, `optax.adamw`,
         `optax.nadam`, `optax.radam`, `optax.lamb` and the others built on
         `optax.scale_by_adam`.
 
-    A base optimizer with none of them (`optax.sgd` without momentum,
-    `optax.rmsprop`, ...) or with more than one is refused when the state is made.
+    Which way a momentum points depends on where it sits in the chain: `optax.sgd`
+    and `optax.adam` keep a trace of the gradients (the update descends against
+    it), while `optax.rmsprop` and `optax.lars` keep theirs after the learning
+    rate's negative scale, a trace of the updates (the update descends along it).
+    `msam` reads the direction from one update of a gradient of ones at zero
+    parameters, made once when the state is made and when the update is traced
+    (nothing of it runs in the compiled step), and orients $v$ as the gradient, so
+    that the perturbation always points along the step just taken, as the
+    authors' does. Parameters that the base optimizer leaves out (`optax.masked`,
+    `optax.multi_transform` with `optax.set_to_zero()` for frozen ones) have no
+    momentum and are not perturbed; the norm is taken over the others.
+
+    A base optimizer with no momentum (`optax.sgd` without momentum,
+    `optax.rmsprop` without it, ...), with two for one parameter, or whose momentum
+    a first update leaves at zero (a learning rate of 0 at the first step) is
+    refused when the state is made, naming `base_optimizer`.
 
     The perturbation is kept in the state as an [`eqx_norm.NextPerturbation`][], so
-    [`eqx_norm.sam_step`][] takes the step's single pass at $w_t + e_t$ (BatchNorm
-    statistics come from that pass), gives the gradient there to `update`, and the
-    parameters it returns, and the user holds, stay unperturbed: no "move back"
-    before evaluating or saving. Without `sam_step`, evaluate the gradient at
-    `eqx_norm.pass_point(opt_state, params)` and pass it to
-    `update(grads, opt_state, params)`.
+    [`eqx_norm.sam_step`][] takes the step's single pass at $w_t + e_t$, gives the
+    gradient there to `update`, and the parameters it returns, and the user holds,
+    stay unperturbed: no "move back" before evaluating or saving. Without
+    `sam_step`, evaluate the gradient at `eqx_norm.pass_point(opt_state, params)`
+    and pass it to `update(grads, opt_state, params)`.
+
+    BatchNorm statistics come from that one pass, so the running statistics are
+    those of the perturbed point $w_t + e_t$, not of the parameters you hold.
+    Before evaluating or serving, recompute them at the parameters with
+    [`eqx_norm.recalibrate`][] (as the authors' code does with an extra epoch at
+    the end); the SAM comparison evaluates every method that way.
+
+    The perturbation is decided one step ahead: `update` at step $t$ computes
+    $e_{t+1}$ with the radius at count $t + 1$. So a `rho` schedule is evaluated one
+    count ahead, and a `rho` injected with `optax.inject_hyperparams` (set in the
+    state before an update) first reaches the pass of the step after that update.
 
     Differences from the authors' code: a `rho` schedule is evaluated at the count
     of the step that takes the gradient (their SGD code moves back with the radius
@@ -158,21 +247,21 @@ def msam(
 
     A `ValueError` for a `rho` that is NaN, infinite or negative, or a
     `base_optimizer` that is not an Optax gradient transformation; when the state
-    is made, a `ValueError` naming `base_optimizer` if its state holds no momentum
-    or more than one.
+    is made, a `ValueError` naming `base_optimizer` if its state holds no momentum,
+    two for one parameter, or one that points nowhere after a first update. When
+    an update runs, a runtime error if a `rho` schedule or injected `rho` is NaN,
+    infinite or negative.
     """
-    if not isinstance(base_optimizer, optax.GradientTransformation):
-        raise ValueError(
-            "`base_optimizer` must be an Optax gradient transformation with a "
-            "momentum, e.g. `eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)`; "
-            f"got {type(base_optimizer)}."
-        )
+    optax_transformation(
+        base_optimizer, "eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)"
+    )
     non_negative("rho", rho, "0.3")
     base = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params: optax.Params) -> MSAMState:
         base_state = base.init(params)
-        _the_momentum(base_state)
+        _per_parameter(params, base_state)
+        _directions(base, params)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return MSAMState(jnp.zeros((), jnp.int32), NextPerturbation(zeros), base_state)
 
@@ -187,14 +276,14 @@ def msam(
         )
         steps = jnp.asarray(optax.safe_increment(state.steps))
         radius = rho(steps) if callable(rho) else rho
-        momentum = optax.tree.cast(_the_momentum(base_state), jnp.float32)
+        radius = non_negative_at_run_time("rho", radius, "msam")
+        like = state.next.perturbation  # the parameters' structure, shapes, dtypes
+        momentum = _ascent(like, base_state, _directions(base, like))
         scale = -jnp.asarray(radius, jnp.float32) / (
             optax.tree.norm(momentum) + jnp.float32(_EPS)
         )
         perturbation = jax.tree.map(
-            lambda v, old: (scale * v).astype(old.dtype),
-            momentum,
-            state.next.perturbation,
+            lambda v, old: (scale * v).astype(old.dtype), momentum, like
         )
         return new_updates, MSAMState(steps, NextPerturbation(perturbation), base_state)
 

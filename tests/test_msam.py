@@ -329,3 +329,99 @@ def test_micro_batches_take_their_passes_at_the_perturbed_point(getkey):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(plain_state)):
         np.testing.assert_array_equal(a, b)
+
+
+def _cosine(a, b) -> float:
+    a = np.concatenate([np.ravel(v) for v in jax.tree.leaves(a)]).astype(np.float64)
+    b = np.concatenate([np.ravel(v) for v in jax.tree.leaves(b)]).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        optax.sgd(0.1, momentum=0.9),
+        optax.rmsprop(0.01, momentum=0.9),
+        optax.rmsprop(0.01, momentum=0.9, centered=True),
+        optax.lars(0.1),
+        optax.chain(optax.scale_by_learning_rate(0.1), optax.trace(0.9)),
+    ],
+    ids=["sgd", "rmsprop", "centred-rmsprop", "lars", "lr-then-trace"],
+)
+def test_the_perturbation_points_along_the_step_for_every_momentum(base, getkey):
+    """Regression: around an optimizer whose momentum is kept after the learning
+    rate's negative scale (`optax.rmsprop(momentum=...)`, `optax.lars`, a trace
+    after `scale_by_learning_rate`) the perturbation pointed against the step just
+    taken (cosine -1.0; +1.0 with `optax.sgd`). For these optimizers the update is
+    a multiple of the momentum, so the cosine must be +1 for every one, and the
+    perturbation's length is `rho`."""
+    params, c, d = _problem(getkey())
+    opt = eqx_norm.msam(base, rho=0.3)
+    state: Any = opt.init(params)
+    for _ in range(3):
+        at = eqx_norm.pass_point(state, params)
+        updates, state = opt.update(_grad(at, c, d), state, params)
+        params = optax.apply_updates(params, updates)
+        e = state.next.perturbation
+        np.testing.assert_allclose(_cosine(e, updates), 1.0, atol=1e-5)
+        np.testing.assert_allclose(float(optax.tree.norm(e)), 0.3, rtol=1e-5)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+@pytest.mark.parametrize(
+    "partly_frozen",
+    [
+        lambda: optax.masked(optax.adam(1e-2), {"a": True, "b": True, "c": False}),
+        lambda: optax.multi_transform(
+            {"train": optax.adam(1e-2), "freeze": optax.set_to_zero()},
+            {"a": "train", "b": "train", "c": "freeze"},
+        ),
+        lambda: optax.multi_transform(
+            {"fast": optax.adam(1e-2), "slow": optax.sgd(1e-3, momentum=0.9)},
+            {"a": "fast", "b": "slow", "c": "slow"},
+        ),
+    ],
+    ids=["masked", "multi_transform-frozen", "multi_transform-two-momenta"],
+)
+def test_a_partly_frozen_base_optimizer_perturbs_what_it_trains(partly_frozen, getkey):
+    """Regression: around `optax.masked` or `optax.multi_transform` the state was
+    made, and the first update failed with "pytree structure error: different
+    types at key path ... MaskedNode". Parameters the base optimizer leaves out
+    are not perturbed; the others along their own momentum (two optimizers, two
+    momenta: each parameter has one), with the norm over them all."""
+    params, c, d = _problem(getkey())
+    opt = eqx_norm.msam(partly_frozen(), rho=0.3)
+    state: Any = opt.init(params)
+    for _ in range(2):
+        at = eqx_norm.pass_point(state, params)
+        updates, state = opt.update(_grad(at, c, d), state, params)
+        params = optax.apply_updates(params, updates)
+    e = state.next.perturbation
+    np.testing.assert_allclose(float(optax.tree.norm(e)), 0.3, rtol=1e-5)
+    base_state = state.base_state
+    if isinstance(base_state, optax.MaskedState) or "freeze" in getattr(
+        base_state, "inner_states", {}
+    ):
+        np.testing.assert_array_equal(e["c"], 0)
+        inner = jax.tree.leaves(
+            base_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        mu: Any = next(x for x in inner if isinstance(x, optax.ScaleByAdamState)).mu
+        trained = {"a": mu["a"], "b": mu["b"]}
+        scale = 0.3 / float(optax.tree.norm(trained))
+        for k in ("a", "b"):
+            np.testing.assert_allclose(e[k], -scale * mu[k], rtol=1e-5, atol=1e-7)
+    else:
+        assert all(float(jnp.abs(v).sum()) > 0 for v in e.values())
+
+
+def test_a_momentum_that_a_first_update_leaves_at_zero_is_refused():
+    """A learning rate of 0 at the first step (a warm-up from 0) scales a momentum
+    kept after it away, so its direction cannot be read: refused at `init`, naming
+    `base_optimizer` and the fix."""
+    warmup = optax.linear_schedule(0.0, 0.1, 10)
+    opt = eqx_norm.msam(optax.rmsprop(warmup, momentum=0.9))
+    with pytest.raises(ValueError, match=r"which way the momentum of `base_optimizer`"):
+        opt.init({"w": jnp.ones(3)})
+    # A momentum kept before the learning rate (optax.sgd) is fine with it.
+    eqx_norm.msam(optax.sgd(warmup, momentum=0.9)).init({"w": jnp.ones(3)})
