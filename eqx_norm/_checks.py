@@ -123,6 +123,28 @@ def non_negative(name: str, value: Any, example: str, *, schedule: bool = True) 
         )
 
 
+def non_negative_at_run_time(name: str, value: Any, who: str) -> Any:
+    """`value`, a hyperparameter as an update uses it: a Python or NumPy number is
+    returned as it is (checked when the optimizer was made); a JAX array (a
+    schedule's value, or one injected by `optax.inject_hyperparams`, traced under
+    `jit`) is checked when it runs (`eqx.error_if`), so that a NaN, infinite or
+    negative value stops the update instead of making every parameter NaN or
+    ascending."""
+    if isinstance(value, (int, float, np.number)):
+        return value
+    value = jnp.asarray(value)
+    return eqx.error_if(
+        value,
+        ~(jnp.isfinite(value) & (value >= 0)),
+        f"`eqx_norm.{who}`: `{name}` is NaN, infinite or negative at this update "
+        f"(from its schedule, called with the update count `steps` of the "
+        f"optimizer state given to this update, or injected by "
+        f"`optax.inject_hyperparams`). It must be finite and at least 0 at every "
+        f"step: check the schedule, e.g. `{name}=optax.cosine_decay_schedule(0.05, "
+        "steps)`.",
+    )
+
+
 def real_statistic(
     name: str, value: Any, size: int, dtype: Any, *, where: str, variance: bool
 ) -> jax.Array:

@@ -8,7 +8,13 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import INT32_MAX, non_negative, optax_transformation, positive_int
+from ._checks import (
+    INT32_MAX,
+    non_negative,
+    non_negative_at_run_time,
+    optax_transformation,
+    positive_int,
+)
 from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
@@ -133,6 +139,7 @@ def looksam(
         def with_second_pass(g_v_old):
             del g_v_old
             radius = rho(state.steps) if callable(rho) else rho
+            radius = non_negative_at_run_time("rho", radius, "looksam")
             rule = sam_rule(radius, adaptive, eta, mask)
             g_s = perturbed_gradient(grad_fn, rule, g, params)
             coef = jnp.where(
@@ -150,6 +157,7 @@ def looksam(
         def reusing(g_v):
             v_norm2 = _dot(g_v, g_v)
             weight = alpha(state.steps) if callable(alpha) else alpha
+            weight = non_negative_at_run_time("alpha", weight, "looksam")
             weight = jnp.asarray(weight, jnp.float32)  # the norms' dtype
             factor = jnp.where(
                 v_norm2 > 0,

@@ -6,7 +6,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import non_negative, optax_transformation
+from ._checks import non_negative, non_negative_at_run_time, optax_transformation
 from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
@@ -126,6 +126,7 @@ def sam(
     def update_fn(updates, state: SAMState, params=None, *, grad_fn=None, **extra_args):
         grad_fn, params = check_update_args("sam", grad_fn, params)
         radius = rho(state.steps) if callable(rho) else rho
+        radius = non_negative_at_run_time("rho", radius, "sam")
         rule = sam_rule(radius, adaptive, eta, mask)
         new_updates, base_state = base.update(
             perturbed_gradient(grad_fn, rule, updates, params),

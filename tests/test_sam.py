@@ -765,3 +765,135 @@ def test_a_perturbation_of_another_shape_reshaped_the_model(mode, getkey):
     assert_close(
         eqx.filter(new_model, eqx.is_inexact_array), expected, rtol=1e-5, atol=1e-6
     )
+
+
+class _Custom(eqx.Module):
+    """A model without `eqx.nn.Lambda` (which no optimizer can initialise): every
+    leaf is an array or a bool, so `optimizer.init(model)` unfiltered succeeds."""
+
+    fc1: eqx.nn.Linear
+    bn: eqx_norm.BatchNorm
+    fc2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = eqx.nn.Linear(4, 6, use_bias=False, key=k1)
+        self.bn = eqx_norm.BatchNorm(6, "batch", momentum=0.9)
+        self.fc2 = eqx.nn.Linear(6, 2, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.fc1(x), state)
+        return self.fc2(jax.nn.relu(h)), state
+
+
+def test_jax_jit_of_sam_step_names_filter_jit(getkey):
+    """Regression: `jax.jit(sam_step(...))` failed with a bare
+    `TracerBoolConversionError` on the BatchNorm's `inference` flag."""
+    model, state = eqx.nn.make_with_state(_Custom)(getkey())
+    opt = eqx_norm.sam(optax.adam(1e-3))
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    x, y = regression_data(getkey())
+    before = leaves((model, state, opt_state))
+    with pytest.raises(
+        TypeError,
+        match=r"`inference` flag \(at `model\.bn\.inference`\) is a traced array.*"
+        r"`jax\.jit`.*`step = eqx\.filter_jit\(eqx_norm\.sam_step\(loss_fn, "
+        r"optimizer\)\)`",
+    ):
+        jax.jit(eqx_norm.sam_step(mse_loss, opt))(model, state, opt_state, x, y)
+    assert_same((model, state, opt_state), before)
+    # A loss of the user's own under `jax.jit`: the layer names the fix itself.
+    with pytest.raises(TypeError, match=r"traced array.*`eqx\.filter_jit`"):
+        jax.jit(mse_loss)(model, state, x, y)
+
+
+def test_opt_state_of_the_unfiltered_model_names_the_first_difference(getkey):
+    """Regression: `optimizer.init(model)` (unfiltered) was refused with two
+    pictures of the structures that read the same; now the message names the first
+    leaf that differs, with its path."""
+    model, state = eqx.nn.make_with_state(_Custom)(getkey())
+    opt = eqx_norm.sam(optax.adam(1e-3))
+    x, y = regression_data(getkey())
+    with pytest.raises(
+        ValueError,
+        match=r"at `opt_state\.base_state\[0\]\.mu\.bn\.inference` the optimizer "
+        r"makes nothing \(`None`: not a parameter\), but the step got an array "
+        r"bool\[\].*the parameters only, not the whole model",
+    ):
+        eqx_norm.sam_step(mse_loss, opt)(model, state, opt.init(cast(Any, model)), x, y)
+    # A state of other shapes is named at the first leaf of another shape.
+    other = eqx.tree_at(lambda m: m.fc2, model, eqx.nn.Linear(6, 3, key=getkey()))
+    wrong = opt.init(eqx.filter(other, eqx.is_inexact_array))
+    with pytest.raises(
+        ValueError,
+        match=r"at `opt_state\.base_state\[0\]\.mu\.fc2\.weight` the optimizer makes "
+        r"an array float32\[2, 6\], but the step got an array float32\[3, 6\]",
+    ):
+        eqx_norm.sam_step(mse_loss, opt)(model, state, wrong, x, y)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps
+@pytest.mark.parametrize("make", [eqx_norm.sam, eqx_norm.looksam])
+def test_sam_inside_multi_steps_that_accumulates_is_refused(make, getkey):
+    """Regression: SAM inside `optax.MultiSteps(every_k_schedule=k)` with k > 1
+    perturbed with the accumulated gradient but took the perturbed gradient on the
+    last mini-batch only: silently another optimizer. The step now stops at the
+    first accumulating mini-step (k may be a schedule, so it is a run-time value),
+    before any update is applied, naming `micro_batches`."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = optax.MultiSteps(make(optax.sgd(0.1)), every_k_schedule=2)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
+    x, y = regression_data(getkey())
+    model, state, opt_state, _ = step(
+        model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y
+    )
+    before = leaves((model, state, opt_state))
+    with pytest.raises(
+        eqx.EquinoxRuntimeError,
+        match=r"inside `optax\.MultiSteps` with `every_k_schedule` above 1.*"
+        r"micro_batches=k",
+    ):
+        step(model, state, opt_state, x, y)
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda s: eqx_norm.sam(optax.sgd(0.1), rho=s), "rho"),
+        (lambda s: eqx_norm.looksam(optax.sgd(0.1), rho=s, every=1), "rho"),
+        (lambda s: eqx_norm.looksam(optax.sgd(0.1), alpha=s, every=2), "alpha"),
+        (lambda s: eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=s), "rho"),
+    ],
+    ids=["sam", "looksam-rho", "looksam-alpha", "msam"],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -0.1], ids=["nan", "inf", "negative"])
+def test_a_schedule_that_goes_bad_stops_the_update(make, name, bad, getkey):
+    """Regression: a `rho` or `alpha` schedule returning NaN, infinity or a negative
+    value turned every parameter NaN or silently ascended; it is checked when it
+    runs (here from the second step on), naming the hyperparameter."""
+    opt = make(lambda count: jnp.where(count >= 1, bad, 0.05).astype(jnp.float32))
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
+    x, y = regression_data(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt_state = opt.init(params)
+    with pytest.raises(
+        eqx.EquinoxRuntimeError,
+        match=rf"`{name}` is NaN, infinite or negative at this update.*schedule",
+    ):
+        for _ in range(3):  # msam evaluates it one count ahead, looksam's alpha
+            model, state, opt_state, _ = step(model, state, opt_state, x, y)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(params))
+
+
+def test_an_injected_nan_rho_stops_the_update(getkey):
+    opt = optax.inject_hyperparams(eqx_norm.sam, static_args="base_optimizer")(
+        optax.sgd(0.1), rho=0.05
+    )
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt_state: Any = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state.hyperparams["rho"] = jnp.asarray(jnp.nan)
+    x, y = regression_data(getkey())
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"`eqx_norm\.sam`: `rho` is NaN"):
+        eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(model, state, opt_state, x, y)
