@@ -1,7 +1,7 @@
 """Exact population statistics from data."""
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -43,7 +43,9 @@ def recalibrate(
         `model(x, state)` returning the new state among its outputs.
     - `state`: its state.
     - `batches`: an iterable of input batches (arrays of shape `(batch, ...)`, or
-        tuples whose first element is the input).
+        tuples whose first element is the input): a list, a generator or a data
+        loader, not one array (`[x[i : i + 256] for i in range(0, len(x), 256)]`
+        splits one).
     - `progress`: show a progress bar (needs `tqdm`).
 
     **Returns:**
@@ -52,12 +54,21 @@ def recalibrate(
 
     **Raises:**
 
-    A `ValueError` for an empty `batches`, a model without `eqx_norm.BatchNorm`, or
-    a batch whose statistics are not finite (the input state is left as it was).
+    A `ValueError` for an empty `batches`, one array given as `batches`, a model
+    without `eqx_norm.BatchNorm`, or a batch whose statistics are not finite (the
+    input state is left as it was).
     """
     layers = batch_norms(model)
     if not layers:
         raise no_batch_norm("recalibrate")
+    if hasattr(batches, "shape") and hasattr(batches, "dtype"):
+        shape = tuple(cast(Any, batches).shape)
+        raise ValueError(
+            f"`recalibrate`: `batches` is one array of shape {shape}, but it must be "
+            "an iterable of batches (it would be read as one example per batch). "
+            "Split it, e.g. `batches=[x[i : i + 256] for i in range(0, len(x), "
+            "256)]` or `batches=jnp.split(x, n)`, or pass a data loader."
+        )
     sums: list[tuple[Any, Any]] = [(0.0, 0.0)] * len(layers)
     count = 0
     if progress:

@@ -416,3 +416,19 @@ def test_tools_on_a_model_without_batch_norm(tool):
     message = f"`{tool}` found no `eqx_norm.BatchNorm`.*from_equinox"
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("kind", ["jax", "numpy"])
+def test_recalibrate_given_one_array_names_batches(kind):
+    """Regression: `recalibrate(model, state, x_train)` read the array as a batch
+    per example and failed inside the model's first layer."""
+    model, state = trained_mlp()
+    x = _inputs(jax.random.key(3), n=64)
+    before = leaves(state)
+    with pytest.raises(
+        ValueError,
+        match=r"`batches` is one array of shape \(64, 4\).*iterable of batches.*"
+        r"x\[i : i \+ 256\]",
+    ):
+        eqx_norm.recalibrate(model, state, x if kind == "jax" else np.asarray(x))
+    assert_same(state, before)
