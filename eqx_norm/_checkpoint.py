@@ -90,7 +90,9 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     **Arguments:**
 
     - `path`: the file to write. An existing file keeps its permissions; a new
-        one gets those of any new file (`0o666` less the umask).
+        one gets those of any new file (`0o666` less the umask). A symbolic link
+        stays a link: the file it points to is written (atomically, in its own
+        folder).
     - `model`: the model.
     - `state`: its `eqx.nn.State`.
 
@@ -102,7 +104,9 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     naming `path` and leaving it as it was. An `ImportError` naming the extra to
     install if arrays are sharded across processes and Orbax is missing.
     """
-    path = Path(path)
+    # Through a symbolic link (`latest.eqx -> step100.eqx`): write its target, in
+    # the target's folder, and keep the link.
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
     if jax.process_count() == 1:
         _write(path, header, (model, state))
@@ -238,9 +242,10 @@ def load(
     - `path`: the file written by `eqx_norm.save`.
     - `model`, `state`: a model and state of the same structure (e.g. freshly made
         with `eqx.nn.make_with_state`). On several hosts, call it on every process;
-        each array that is split across processes, or replicated over them, comes
-        back with the sharding of the one it replaces (whatever the sharding it
-        was saved with), so that a model placed on the mesh comes back on it.
+        each array comes back with the sharding of the one it replaces (whatever
+        the sharding it was saved with: on one device, replicated over a mesh of
+        one process's devices or split across processes), so that a model placed
+        on the mesh comes back on it.
 
     **Returns:**
 
@@ -290,8 +295,6 @@ def load(
             raise ValueError(
                 f"{path}: does not match this model's structure: {e}"
             ) from e
-    if jax.process_count() == 1:
-        return loaded
     return jax.tree.map(place_like, loaded, (model, state))
 
 

@@ -92,8 +92,9 @@ def local_copy(x: Any) -> Any:
 
 
 def place_like(loaded: Any, like: Any) -> Any:
-    """A loaded leaf, placed as the leaf it replaces where that spans processes."""
-    if isinstance(like, jax.Array) and not like.is_fully_addressable:
+    """A loaded leaf, placed with the sharding of the array it replaces (on one
+    device or several, of one process or several)."""
+    if isinstance(like, jax.Array) and eqx.is_array(loaded):
         return jax.device_put(loaded, like.sharding)
     return loaded
 

@@ -370,3 +370,44 @@ def test_checkpoint_of_a_folded_model_and_of_non_finite_statistics(tmp_path):
     eqx_norm.save(path, folded, empty)
     skeleton = eqx.nn.Sequential([eqx.nn.Linear(4, 2, key=jax.random.key(5))])
     assert_same(eqx_norm.load(path, skeleton, empty), leaves(folded))
+
+
+def test_load_puts_every_array_back_with_its_sharding(tmp_path):
+    """Regression: on one process of several devices `load` returned every array on
+    the default device, while the scaling guide says each comes back with the
+    sharding of the array it replaces (as it did across processes)."""
+    model, state = trained_mlp()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    model, state = eqx_norm.replicate((model, state), mesh)
+    path = tmp_path / "model.eqx"
+    eqx_norm.save(path, model, state)
+    loaded = eqx_norm.load(path, model, state)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves((model, state))):
+        if isinstance(b, jax.Array):
+            assert a.sharding == b.sharding
+            np.testing.assert_array_equal(a, b)
+    # Loaded into a model on one device, it comes back on that device.
+    fresh = eqx.nn.make_with_state(MLP)()
+    one = eqx_norm.load(path, *fresh)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(fresh)):
+        if isinstance(b, jax.Array):
+            assert a.sharding == b.sharding
+
+
+def test_save_through_a_symlink_writes_its_target(tmp_path):
+    """Regression: `save("latest.eqx", ...)` with `latest.eqx -> step100.eqx` replaced
+    the link by a file and left the target stale. The target is written (in its
+    own folder) and the link stays."""
+    model, state = trained_mlp()
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "step100.eqx"
+    eqx_norm.save(target, *eqx.nn.make_with_state(MLP)())
+    link = tmp_path / "latest.eqx"
+    link.symlink_to(Path("runs") / "step100.eqx")
+    eqx_norm.save(link, model, state)
+    assert link.is_symlink() and os.readlink(link) == str(Path("runs") / "step100.eqx")
+    loaded = eqx_norm.load(target, *eqx.nn.make_with_state(MLP)())
+    for a, b in zip(leaves(loaded), leaves((model, state))):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["step100.eqx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.eqx", "runs"]
