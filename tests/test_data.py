@@ -359,3 +359,12 @@ def test_download_replaces_a_bad_cached_file(tmp_path):
     with _Server(payloads) as server:
         data.download(tmp_path, base_url=server.url, files=_remotes(payloads))
     np.testing.assert_array_equal(data.read_idx(tmp_path / name), images)
+
+
+def test_idx_shape_with_a_zero_and_a_huge_dimension_is_an_idx_error(tmp_path):
+    """Regression (found by the fuzz test): dimensions (2, 0, 2**30) hold no data,
+    so the byte count matched, and NumPy's reshape raised a bare `ValueError`
+    ("array is too big")."""
+    path = tmp_path / "empty-idx3-ubyte"
+    content = idx_header(0x0D, (2, 0, 2**31 - 1, 2**31 - 1))
+    _assert_refused(path, content, r"empty-idx3-ubyte: .*more than an array can hold")

@@ -101,6 +101,11 @@ def _parse(path: Path, stream: io.BufferedIOBase) -> np.ndarray:
             f"{path}: {what}: its header says shape {shape} ({expected} bytes of "
             f"data), but it holds {found}."
         )
+    if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:
+        # Even with no data (a zero dimension), NumPy cannot make an array of it.
+        raise IDXError(
+            f"{path}: its header says shape {shape}, more than an array can hold."
+        )
     array = np.frombuffer(data, dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
 
