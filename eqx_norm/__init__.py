@@ -15,6 +15,8 @@ from ._approaches import (
     Running as Running,
     RunningStats as RunningStats,
     SmoothStart as SmoothStart,
+    Tracking as Tracking,
+    TrackingStats as TrackingStats,
 )
 from ._batch_norm import BatchNorm as BatchNorm
 from ._channel_affine import ChannelAffine as ChannelAffine
@@ -43,6 +45,7 @@ from ._step import sam_step as sam_step
 from ._walk import (
     batch_norms as batch_norms,
     freeze as freeze,
+    match_state as match_state,
     set_approach as set_approach,
     set_compute_channels_last as set_compute_channels_last,
 )
@@ -74,6 +77,8 @@ __all__ = [
     "SAMState",
     "SmoothStart",
     "StepGradient",
+    "Tracking",
+    "TrackingStats",
     "batch_norms",
     "diagnose",
     "fold",
@@ -82,6 +87,7 @@ __all__ = [
     "from_equinox",
     "load",
     "looksam",
+    "match_state",
     "msam",
     "normalisation_mask",
     "pass_point",

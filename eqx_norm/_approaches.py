@@ -8,7 +8,7 @@ mean and variance that inference uses, and a count. Because the stored statistic
 import abc
 import types
 from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -44,11 +44,16 @@ class RunningStats(NamedTuple):
     - `var`: the per-channel variance that inference uses, same shape.
     - `counter`: an int32 scalar: how many training steps have updated the statistics
         (for the `running` approach: how many values, capped at `max_count`).
+    - `extra`: what else an approach keeps, or `None` (every built-in approach but
+        [`eqx_norm.Tracking`][], whose candidates are a [`eqx_norm.TrackingStats`][]).
+        An approach updates a state with `running._replace(...)`, so that what it
+        does not use passes through unchanged.
     """
 
     mean: Float[Array, " channels"]
     var: Float[Array, " channels"]
     counter: Int[Array, ""]
+    extra: Any = None
 
 
 class Approach(eqx.Module):
@@ -144,6 +149,30 @@ class Approach(eqx.Module):
         """
         return running.mean, running.var
 
+    def with_statistics(
+        self,
+        running: RunningStats,
+        mean: Float[Array, " channels"],
+        var: Float[Array, " channels"],
+        counter: Int[Array, ""],
+    ) -> RunningStats:
+        """The running statistics with the statistics that inference uses replaced:
+        what [`eqx_norm.BatchNorm.set_statistics`][], [`eqx_norm.recalibrate`][] and
+        [`eqx_norm.match_state`][] store.
+
+        **Arguments:**
+
+        - `running`: the running statistics now, of this approach's structure.
+        - `mean`, `var`: the statistics inference is to use.
+        - `counter`: the step counter to store.
+
+        **Returns:**
+
+        The new [`eqx_norm.RunningStats`][]. The default replaces `mean`, `var` and
+        `counter` and keeps `extra`; override it for a strategy that keeps more.
+        """
+        return running._replace(mean=mean, var=var, counter=counter)
+
 
 def _debiased_ema(
     running: RunningStats, mean: Array, var: Array, momentum: float
@@ -163,7 +192,7 @@ def _debiased_ema(
     t = running.counter + 1
     m = _momentum(momentum, running)
     weight = jnp.where(t == 1, 1, (1 - m) / (1 - _power(m, t)))
-    return RunningStats(
+    return running._replace(
         mean=(1 - weight) * running.mean + weight * mean,
         var=(1 - weight) * running.var + weight * var,
         counter=t,
@@ -227,7 +256,11 @@ class EMA(Approach):
         m = _momentum(momentum, running)
         mean = jnp.where(first, batch.mean, m * running.mean + (1 - m) * batch.mean)
         var = jnp.where(first, batch.var, m * running.var + (1 - m) * batch.var)
-        return mean, var, RunningStats(mean, var, running.counter + 1)
+        return (
+            mean,
+            var,
+            running._replace(mean=mean, var=var, counter=running.counter + 1),
+        )
 
 
 class AdamCorrection(Approach):
@@ -337,7 +370,8 @@ class Running(Approach):
         room = self.max_count - running.counter
         added = jnp.minimum(jnp.asarray(batch.n, jnp.int32), self.max_count)
         count = running.counter + jnp.minimum(added, room)
-        return mean, var, RunningStats(mean, var, count.astype(jnp.int32))
+        new = running._replace(mean=mean, var=var, counter=count.astype(jnp.int32))
+        return mean, var, new
 
 
 _MAX_COUNT = 2**31 - 1
@@ -414,6 +448,168 @@ class Renorm(Approach):
         return mean, var, new
 
 
+class TrackingStats(NamedTuple):
+    """What [`eqx_norm.Tracking`][] keeps besides the inference statistics: its
+    candidate running statistics and how well each has predicted the batches.
+
+    **Attributes:**
+
+    - `means`, `vars`: the candidates' statistics, shape `(candidates, channels)`:
+        zero-debiased moving averages of the batch mean and unbiased variance, one
+        per momentum of `Tracking.momenta`.
+    - `scores`: shape `(candidates,)`: each candidate's moving average of its
+        one-step-ahead prediction error (lower is better).
+    """
+
+    means: Float[Array, "candidates channels"]
+    vars: Float[Array, "candidates channels"]
+    scores: Float[Array, " candidates"]
+
+
+class Tracking(Approach):
+    r"""Normalise with the batch statistics, as [`eqx_norm.Batch`][] does; keep
+    running statistics that keep up with the weights: a long average while the
+    weights are still, a short one while they move.
+
+    A moving average of past batches lags weights that still move (a constant or
+    high learning rate, evaluation during training, a short fine-tuning run), and
+    inference then normalises with statistics of weights that are gone. No fixed
+    momentum serves both a still and a moving model, so this approach keeps a few
+    averages at once and lets the data choose between them, as exponential
+    smoothing chooses its smoothing constant in forecasting: by its one-step-ahead
+    prediction error.
+
+    With $s_t = (\mu_t, v_t \tfrac{n}{n-1})$ this batch's mean and unbiased
+    variance, it keeps one zero-debiased moving average per momentum $m_k$ of
+    `momenta`,
+
+    $$c_{k,t} = (1 - w_{k,t})\, c_{k,t-1} + w_{k,t}\, s_t, \qquad
+    w_{k,t} = \frac{1 - m_k}{1 - m_k^t},$$
+
+    and scores each by how well it predicted this batch before seeing it, with
+    $u = v_t \tfrac{n}{n-1} + \varepsilon$ per channel:
+
+    $$e_{k,t} = \frac{1}{C} \sum_{\text{channels}} \left(
+    \frac{(\mu_t - c^\mu_{k,t-1})^2}{u} + \frac{(u - \varepsilon - c^v_{k,t-1})^2}{2u^2}
+    \right)$$
+
+    (twice the Kullback-Leibler divergence, to second order, between the normal
+    distribution the candidate would normalise with and this batch's, so that
+    every channel counts without units), averaged over the channels of the layer
+    so that the choice does not follow one channel's noise. A candidate's score
+    $S_{k,t}$ is the zero-debiased moving average of $e_{k,t}$ with momentum
+    `window` (from the second step on), and inference uses the candidate with the
+    lowest score, $c_{k^*,t}$ with $k^* = \arg\min_k S_{k,t}$. While the weights
+    move, the short averages predict the next batch best; once they settle, noise
+    dominates the errors and the long averages win. The state stores the chosen
+    candidate's statistics as the inference statistics, so
+    `bn.statistics(state)` and [`eqx_norm.fold`][] read them as for any approach,
+    and the candidates in `extra` (a [`eqx_norm.TrackingStats`][]). The layer's
+    `momentum` is not used.
+
+    Training is exactly that of `"batch"` (the same normalisation and gradients;
+    the batch's statistics are only taken about another shift, a float rounding),
+    with every option of the layer. A model switched to `"tracking"` from another
+    approach needs the candidates in its state: `state =
+    eqx_norm.match_state(model, state)` after [`eqx_norm.set_approach`][] adds
+    them, starting every candidate from the current statistics.
+    [`eqx_norm.recalibrate`][] and `set_statistics` set every candidate to the
+    statistics they store.
+
+    **Arguments:**
+
+    - `momenta`: the candidates' momenta, each in [0, 1), none twice (default
+        `(0.0, 0.5, 0.8, 0.9, 0.97, 0.995)`: from this batch alone to an average
+        over about 200 steps).
+    - `window`: the momentum of the scores' moving average, in [0, 1) (default
+        0.95: about the last 20 steps decide).
+    """
+
+    momenta: tuple[float, ...] = eqx.field(
+        static=True, default=(0.0, 0.5, 0.8, 0.9, 0.97, 0.995)
+    )
+    window: float = eqx.field(static=True, default=0.95)
+
+    def __check_init__(self):
+        momenta = self.momenta
+        if not isinstance(momenta, tuple) or not momenta:
+            raise TypeError(
+                f"`momenta` must be a non-empty tuple of floats, got {momenta!r}; "
+                "for example `Tracking(momenta=(0.0, 0.9, 0.99))`."
+            )
+        for m in (*momenta, self.window):
+            name = "window" if m is self.window else "momenta"
+            if not isinstance(m, (int, float, np.integer, np.floating)) or isinstance(
+                m, (bool, np.bool_)
+            ):
+                raise TypeError(
+                    f"`{name}` must hold real numbers, got {m!r}; for example "
+                    "`Tracking(momenta=(0.0, 0.9, 0.99), window=0.95)`."
+                )
+            if not 0 <= m < 1 or not np.float32(m) < 1:
+                raise ValueError(
+                    f"`{name}` must be in [0, 1) (below 1 in float32), got {m!r}; "
+                    "for example `Tracking(momenta=(0.0, 0.9, 0.99), window=0.95)`."
+                )
+        if len(set(momenta)) != len(momenta):
+            raise ValueError(f"`momenta` holds a momentum twice: {momenta!r}.")
+
+    def init(self, input_size, dtype):
+        base = super().init(input_size, dtype)
+        k = len(self.momenta)
+        extra = TrackingStats(
+            means=jnp.zeros((k, input_size), dtype),
+            vars=jnp.ones((k, input_size), dtype),
+            scores=jnp.zeros((k,), dtype),
+        )
+        return base._replace(extra=extra)
+
+    def train(self, batch, running, momentum, eps):
+        old = running.extra
+        if not isinstance(old, TrackingStats):
+            raise ValueError(
+                "`eqx_norm.BatchNorm(approach=eqx_norm.Tracking())` keeps candidate "
+                "statistics in the state, and this state was made for another "
+                "approach. After switching a model to it, add them: `state = "
+                "eqx_norm.match_state(model, state)`."
+            )
+        dtype = running.mean.dtype
+        t = running.counter + 1
+        mean, var = batch.mean, _unbiased(batch)
+        # How well each candidate predicted this batch (before seeing it).
+        u = var + jnp.asarray(eps, dtype)
+        u = jnp.where(u > 0, u, 1)
+        errors = jnp.mean(
+            (mean - old.means) ** 2 / u + (var - old.vars) ** 2 / (2 * u * u), axis=1
+        )
+        beta = jnp.asarray(self.window, dtype)
+        first_score = t == 2  # the first step has nothing to predict from
+        w_score = jnp.where(first_score, 1, (1 - beta) / (1 - _power(beta, t - 1)))
+        scores = jnp.where(t >= 2, (1 - w_score) * old.scores + w_score * errors, 0)
+        # Every candidate takes this batch in.
+        m = jnp.asarray(self.momenta, dtype)[:, None]
+        weight = jnp.where(t == 1, 1, (1 - m) / (1 - _power(m, t)))
+        means = (1 - weight) * old.means + weight * mean
+        vars_ = (1 - weight) * old.vars + weight * var
+        best = jnp.argmin(scores)
+        new = running._replace(
+            mean=means[best],
+            var=vars_[best],
+            counter=t,
+            extra=TrackingStats(means, vars_, scores.astype(dtype)),
+        )
+        return batch.mean, batch.var, new
+
+    def with_statistics(self, running, mean, var, counter):
+        k = len(self.momenta)
+        extra = TrackingStats(
+            means=jnp.broadcast_to(mean, (k, mean.shape[0])),
+            vars=jnp.broadcast_to(var, (k, var.shape[0])),
+            scores=jnp.zeros((k,), mean.dtype),
+        )
+        return running._replace(mean=mean, var=var, counter=counter, extra=extra)
+
+
 APPROACHES: Mapping[str, type[Approach]] = types.MappingProxyType(
     {
         "batch": Batch,
@@ -423,6 +619,7 @@ APPROACHES: Mapping[str, type[Approach]] = types.MappingProxyType(
         "frozen": Frozen,
         "running": Running,
         "renorm": Renorm,
+        "tracking": Tracking,
     }
 )
 """The built-in approaches: each name that `BatchNorm(approach=...)` accepts, and the

@@ -281,7 +281,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             example = "counter=int(num_batches_tracked)"
             counter = step_count("counter", counter, where=where, example=example)
-        return state.set(self.state_index, RunningStats(mean, var, counter))
+        new = self.approach.with_statistics(old, mean, var, counter)
+        return state.set(self.state_index, new)
 
     def _running(self, state: eqx.nn.State) -> RunningStats:
         """This layer's running statistics, checked to be those of `input_size`
@@ -507,6 +508,13 @@ def _guarded(batch, new: RunningStats, old: RunningStats) -> RunningStats:
     but leaves a variadic reduction whole, with the check fused into it."""
     stats = (batch.mean, batch.var, new.mean, new.var)
     finite = functools.reduce(jnp.logical_and, map(jnp.isfinite, stats))
+    extra = [
+        a for a in jax.tree.leaves(new.extra) if jnp.issubdtype(a.dtype, jnp.floating)
+    ]
+    if extra:  # what an approach keeps besides (`Tracking`'s candidates), whole
+        finite = finite & functools.reduce(
+            jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in extra]
+        )
     finite, non_negative = lax.reduce(
         (finite, new.var >= 0), (True, True), _both, tuple(range(finite.ndim))
     )

@@ -1,6 +1,6 @@
 """Converting models built with `eqx.nn.BatchNorm`."""
 
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -75,9 +75,11 @@ def from_equinox(
             dtype=dtype,
             compute_channels_last=compute_channels_last,
         )
-        stats = RunningStats(
-            stats.mean.astype(new.state_index.init.mean.dtype),  # pyright: ignore
-            stats.var.astype(new.state_index.init.var.dtype),  # pyright: ignore
+        init = cast(RunningStats, new.state_index.init)
+        stats = new.approach.with_statistics(
+            init,
+            stats.mean.astype(init.mean.dtype),
+            stats.var.astype(init.var.dtype),
             jnp.asarray(stats.counter, jnp.int32),
         )
         nonlocal converted

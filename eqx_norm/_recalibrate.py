@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from ._approaches import Batch, RunningStats
+from ._approaches import Batch
 from ._record import first_input, record_batch_statistics
 from ._state import copy_state
 from ._walk import batch_norms, no_batch_norm
@@ -100,7 +100,8 @@ def recalibrate(
         var = np.maximum(s2 / count - mean**2, 0)
         state = state.set(
             bn.state_index,
-            RunningStats(
+            bn.approach.with_statistics(
+                old,
                 jnp.asarray(mean, old.mean.dtype),
                 jnp.asarray(var, old.var.dtype),
                 jnp.maximum(old.counter, count).astype(jnp.int32),

@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
+import jax
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
@@ -48,8 +50,10 @@ def set_approach(
 ) -> PyTree:
     """Switch the approach of every [`eqx_norm.BatchNorm`][] in a model.
 
-    The state stays valid as it is: every built-in approach keeps the same arrays,
-    meaning the same thing (the statistics inference uses).
+    The state stays valid as it is between the built-in approaches that keep the
+    same arrays, meaning the same thing (the statistics inference uses): all but
+    [`eqx_norm.Tracking`][], which keeps candidate statistics besides. To switch to
+    it, follow with `state = eqx_norm.match_state(model, state)`.
 
     **Arguments:**
 
@@ -142,3 +146,58 @@ def freeze(
     The model with frozen statistics.
     """
     return set_approach(model, "frozen", where=where)
+
+
+def match_state(model: PyTree, state: eqx.nn.State) -> eqx.nn.State:
+    """The state with every [`eqx_norm.BatchNorm`][]'s entry in the form its
+    approach keeps, carrying the statistics over.
+
+    Every built-in approach but [`eqx_norm.Tracking`][] keeps the same arrays, so
+    [`eqx_norm.set_approach`][] leaves the state valid as it is. `Tracking` keeps
+    candidate statistics besides: after switching a model to it, call this to add
+    them, each candidate starting from the layer's current statistics. An entry
+    already in its approach's form is kept as it is, so the call is safe anywhere.
+
+    ```python
+    model = eqx_norm.set_approach(model, "tracking")
+    state = eqx_norm.match_state(model, state)
+    ```
+
+    **Arguments:**
+
+    - `model`: a model holding `eqx_norm.BatchNorm` layers.
+    - `state`: its state.
+
+    **Returns:**
+
+    The new state (the given one is left valid).
+
+    **Raises:**
+
+    A `ValueError` if the model has no `eqx_norm.BatchNorm`.
+    """
+    layers = batch_norms(model)
+    if not layers:
+        raise no_batch_norm("match_state")
+    changed = {}
+    for _, bn in layers:
+        entry = state.get(bn.state_index)
+        running = bn._running(state)  # checked to be this layer's
+        want = bn.approach.init(bn.input_size, running.mean.dtype)
+        if eqx.tree_equal(jax.eval_shape(lambda: entry), jax.eval_shape(lambda: want)):
+            continue
+        changed[bn.state_index.marker] = bn.approach.with_statistics(
+            want, running.mean, running.var, running.counter
+        )
+    state = jax.tree.map(lambda a: a, state)  # a copy: the given state stays valid
+    if not changed:
+        return state
+    indices = {bn.state_index.marker: bn.state_index for _, bn in layers}
+    markers = list(changed)
+    entries = [state.get(indices[k]) for k in markers]
+    return eqx.tree_at(
+        lambda s: [s.get(indices[k]) for k in markers],
+        state,
+        [changed[k] for k in markers],
+        is_leaf=lambda x: any(x is e for e in entries),
+    )

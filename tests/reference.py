@@ -1,5 +1,7 @@
-"""Float64 NumPy references for every approach, written from the formulas in
-DESIGN ("The approaches") in their h-form, with input gradients in closed form.
+"""Float64 NumPy references for every approach, written from the formulas of each
+approach's docstring (the exact formula the package documents) in their h-form
+(the undebiased moving average, divided out where it is read), with input
+gradients in closed form.
 
 Each reference step takes a batch `x` of shape (B, C, *spatial) and a cotangent `g`
 of the same shape, and returns (y, dL/dx) for L = sum(g * y), updating its own
@@ -190,6 +192,51 @@ class RenormRef(Reference):
         return M, V, _ones(mu), -d / (2 * r * sigma_b), 0 * mu, 1 / r**2
 
 
+class TrackingRef(BatchRef):
+    """Training as `batch`; the inference statistics are those of the candidate
+    debiased moving average (h-form, one per momentum) whose score, a debiased
+    moving average of its one-step-ahead prediction error (twice the
+    Kullback-Leibler divergence to second order, averaged over channels), is
+    lowest."""
+
+    MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.97, 0.995)
+    WINDOW = 0.95
+
+    def __init__(self, channels, momentum, eps=1e-5):
+        super().__init__(channels, momentum, eps)
+        k = len(self.MOMENTA)
+        self.h = np.zeros((k, channels)), np.zeros((k, channels))
+        self.g = np.zeros(k)  # the scores' undebiased moving average
+        self.chosen = (np.zeros(channels), np.ones(channels))
+
+    def candidates(self):
+        scale = 1 - np.asarray(self.MOMENTA)[:, None] ** self.t
+        return self.h[0] / scale, self.h[1] / scale
+
+    def infer(self):
+        return self.chosen
+
+    def stats(self, mu, v, n):
+        s_var = v * n / (n - 1)
+        if self.t >= 1:
+            mean_k, var_k = self.candidates()
+            u = s_var + self.eps
+            e = np.mean((mu - mean_k) ** 2 / u + (s_var - var_k) ** 2 / (2 * u**2), 1)
+            self.g = self.WINDOW * self.g + (1 - self.WINDOW) * e
+        self.t += 1
+        m = np.asarray(self.MOMENTA)[:, None]
+        self.h = m * self.h[0] + (1 - m) * mu, m * self.h[1] + (1 - m) * s_var
+        scores = self.g / (1 - self.WINDOW ** (self.t - 1)) if self.t >= 2 else self.g
+        # The first of the lowest: at t = 2 every candidate made the same prediction
+        # (all were the first batch's statistics), which float64 rounds apart.
+        best = int(np.flatnonzero(scores <= scores.min() * (1 + 1e-9))[0])
+        mean_k, var_k = self.candidates()
+        self.chosen = mean_k[best], var_k[best]
+        self.scores = scores
+        one, zero = _ones(mu), 0 * mu
+        return mu, v, one, zero, zero, one
+
+
 REFERENCES = {
     "batch": BatchRef,
     "ema": EMARef,
@@ -198,4 +245,5 @@ REFERENCES = {
     "frozen": FrozenRef,
     "running": RunningRef,
     "renorm": RenormRef,
+    "tracking": TrackingRef,
 }
