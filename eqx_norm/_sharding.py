@@ -147,6 +147,13 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Place every array of a pytree (a model, a state, an optimizer state) on every
     device of the mesh.
 
+    ```python
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    model, state, opt_state = eqx_norm.replicate((model, state, opt_state), mesh)
+    ```
+
     **Arguments:**
 
     - `tree`: any pytree.
