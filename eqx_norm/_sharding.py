@@ -21,7 +21,9 @@ def shard_batch(
     batch).
 
     ```python
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     x, y = eqx_norm.shard_batch((x, y), mesh)
     model, state = eqx_norm.replicate((model, state), mesh)
     ```
