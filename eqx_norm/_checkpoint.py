@@ -87,6 +87,10 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     old, and the folder of the old one is removed after it. A save that fails or
     is killed on any process leaves the previous checkpoint loadable.
 
+    ```python
+    eqx_norm.save("model.eqx", model, state)
+    ```
+
     **Arguments:**
 
     - `path`: the file to write. An existing file keeps its permissions; a new
@@ -236,6 +240,12 @@ def load(
 
     Nothing is modified in place: the given `model` and `state` only describe the
     structure, and on any error they are as they were.
+
+    ```python
+    eqx_norm.save("model.eqx", model, state)
+    # Into a model and state of the same structure (e.g. freshly made):
+    model, state = eqx_norm.load("model.eqx", model, state)
+    ```
 
     **Arguments:**
 

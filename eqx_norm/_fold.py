@@ -134,6 +134,12 @@ def fold_into(layer, bn, state: eqx.nn.State):
     that a layer that never trained folds its zero variance as it normalises with
     it, by `1 / sqrt(eps)`).
 
+    ```python
+    linear = eqx.nn.Linear(784, 512, key=jax.random.key(0))
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(512, "batch")
+    folded = eqx_norm.fold_into(linear, bn, state)  # bn(linear(x)) in inference
+    ```
+
     **Arguments:**
 
     - `layer`: an `eqx.nn.Linear`, `eqx.nn.Conv` (any dimension, stride, padding,

@@ -36,6 +36,16 @@ def from_equinox(
     `mode="ema"` the EMA carries over as it is (or mean 0 and variance 1 for a layer
     that never trained).
 
+    ```python
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            eqx.nn.Linear(784, 512, key=jax.random.key(0)),
+            eqx.nn.BatchNorm(512, axis_name="batch", mode="batch"),
+        ]
+    )
+    model, state = eqx_norm.from_equinox(model, state)  # approach "batch"
+    ```
+
     **Arguments:**
 
     - `model`: any pytree holding `eqx.nn.BatchNorm` layers.

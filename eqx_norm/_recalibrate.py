@@ -37,6 +37,11 @@ def recalibrate(
     accumulated in float64. The counter becomes at least $K$, so further training
     weighs these statistics like $K$ steps. The approaches and weights are unchanged.
 
+    ```python
+    batches = [x[i : i + 16] for i in range(0, len(x), 16)]  # or a data loader
+    state = eqx_norm.recalibrate(model, state, batches)
+    ```
+
     **Arguments:**
 
     - `model`: a model holding `eqx_norm.BatchNorm` layers, called per example as

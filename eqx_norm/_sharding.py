@@ -21,7 +21,9 @@ def shard_batch(
     batch).
 
     ```python
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     x, y = eqx_norm.shard_batch((x, y), mesh)
     model, state = eqx_norm.replicate((model, state), mesh)
     ```
@@ -146,6 +148,13 @@ def _dtype(x: Any) -> str:
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Place every array of a pytree (a model, a state, an optimizer state) on every
     device of the mesh.
+
+    ```python
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    model, state, opt_state = eqx_norm.replicate((model, state, opt_state), mesh)
+    ```
 
     **Arguments:**
 

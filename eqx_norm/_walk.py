@@ -20,6 +20,11 @@ def is_batch_norm(x: Any) -> bool:
 def batch_norms(model: PyTree) -> list[tuple[str, BatchNorm]]:
     """Every [`eqx_norm.BatchNorm`][] in a model, with its path.
 
+    ```python
+    for path, bn in eqx_norm.batch_norms(model):
+        print(path, bn.input_size, bn.approach)  # .layers[1] 512 Batch()
+    ```
+
     **Arguments:**
 
     - `model`: any pytree.
@@ -55,6 +60,14 @@ def set_approach(
     [`eqx_norm.Tracking`][], which keeps candidate statistics besides. To switch to
     it, follow with `state = eqx_norm.match_state(model, state)`.
 
+    ```python
+    model = eqx_norm.set_approach(model, "frozen")
+    # Only the layers of 512 channels, to a strategy object:
+    model = eqx_norm.set_approach(
+        model, eqx_norm.Running(max_count=512), where=lambda bn: bn.input_size == 512
+    )
+    ```
+
     **Arguments:**
 
     - `model`: any pytree holding `eqx_norm.BatchNorm` layers.
@@ -83,6 +96,10 @@ def set_compute_channels_last(
     """Set `compute_channels_last` (see [`eqx_norm.BatchNorm`][]) on every
     [`eqx_norm.BatchNorm`][] in a model, e.g. on those after convolutions, for
     training on the CPU. The state stays valid as it is.
+
+    ```python
+    model = eqx_norm.set_compute_channels_last(model)
+    ```
 
     **Arguments:**
 
@@ -135,6 +152,10 @@ def freeze(
     then normalises with the stored statistics, never updates them, and works with
     any batch size, 1 included. Weights and biases still learn. The same as
     `set_approach(model, "frozen", where=where)`.
+
+    ```python
+    model = eqx_norm.freeze(model)  # then fine-tune, at batch size 1 too
+    ```
 
     **Arguments:**
 

@@ -1,8 +1,10 @@
 """Train the MNIST CNN with synchronised BatchNorm and SAM across several processes
 (hosts), each process reading its own rows of every batch.
 
-    python examples/multi_host.py --processes 2   # 2 local processes of 4 CPU devices
-    python examples/multi_host.py                 # on every host of a TPU/SLURM cluster
+    # On this machine, 2 processes of 4 CPU devices:
+    .venv/bin/python examples/multi_host.py --processes 2
+    # On every host of a Cloud TPU, SLURM or Open MPI cluster:
+    python examples/multi_host.py
 
 With `--processes N`, this script starts N processes on this machine and joins them
 with `jax.distributed.initialize("127.0.0.1:PORT", N, i)`, as hosts of a cluster
@@ -17,40 +19,103 @@ of `P` holds rows `i * n / P` to `(i + 1) * n / P` of the global batch of `n`.
 `eqx_norm.shard_batch(..., process_local=True)` makes the global batch from those
 blocks, and the step, compiled once with `jax.jit`, gives the BatchNorm statistics
 and SAM gradients of the global batch: the same numbers as one process. At the end,
-every process calls `eqx_norm.save`, which writes one checkpoint.
+every process calls `eqx_norm.save`, which writes one checkpoint (by default
+`results/multi_host.eqx` under the working folder, the same path on every process).
 """
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import IO
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--processes", type=int, help="start this many here")
-    parser.add_argument("--devices", type=int, default=4, help="CPU devices each")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--checkpoint", default="multi_host.eqx")
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N processes on this machine and join them; 0 for one process "
+        "of a cluster, which JAX finds on Cloud TPU, SLURM and Open MPI",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=4,
+        metavar="N",
+        help="CPU devices in each process started with --processes",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=200, metavar="N", help="SAM steps to train"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="the global batch: the rows of all processes together",
+    )
+    parser.add_argument(
+        "--rho", type=float, default=0.05, help="SAM's radius, rho of eqx_norm.sam"
+    )
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        metavar="NAME",
+        help="digits (bundled), mnist or fashion-mnist, as "
+        "eqx_norm.data.load_dataset reads them",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="results/multi_host.eqx",
+        metavar="PATH",
+        help="the checkpoint, one file that every process saves together (its "
+        "folder is made if missing); on a cluster, a path that names the same file "
+        "on every host, on a file system they share",
+    )
     parser.add_argument(
         "--heartbeat",
         type=int,
         default=30,
-        help="seconds after which a process that stopped is declared dead and "
-        "the others stop with an error",
+        metavar="SECONDS",
+        help="after this long, a process that stopped is declared dead and the "
+        "others stop with an error",
     )
     parser.add_argument("--timeout", type=float, default=1800, help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
     if args.processes and args.process_id is None:
         sys.exit(launch_here(args))
     train(args)
+
+
+# What Gloo, JAX's collectives on the CPU, prints as each process connects: one line
+# per device and per group of devices, sixteen for two processes of four devices.
+GLOO_CONNECTED = re.compile(rb"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\b")
+
+
+def relay(source: IO[bytes], target: IO[bytes]) -> None:
+    """Copy a child's output to ours line by line: every line, errors included,
+    but Gloo's connection lines."""
+    for line in source:
+        if not GLOO_CONNECTED.match(line):
+            target.write(line)
+            target.flush()
 
 
 def launch_here(args: argparse.Namespace) -> int:
@@ -67,9 +132,21 @@ def launch_here(args: argparse.Namespace) -> int:
             [sys.executable, *sys.argv]
             + ["--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"],
             env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for i in range(args.processes)
     ]
+    relays = [
+        threading.Thread(target=relay, args=(source, target), daemon=True)
+        for child in children
+        for source, target in [
+            (child.stdout, sys.stdout.buffer),
+            (child.stderr, sys.stderr.buffer),
+        ]
+    ]
+    for thread in relays:
+        thread.start()
     deadline = time.monotonic() + args.timeout
     try:
         while time.monotonic() < deadline:
@@ -84,6 +161,8 @@ def launch_here(args: argparse.Namespace) -> int:
             if child.poll() is None:
                 child.kill()
             child.wait()
+        for thread in relays:
+            thread.join()
     return next((c.returncode for c in children if c.returncode), 0)
 
 
@@ -156,6 +235,7 @@ def train(args: argparse.Namespace) -> None:
         return jnp.mean(jnp.argmax(log_probs, axis=1) == y)
 
     correct = accuracy(inference, state, x, y)
+    Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     eqx_norm.save(args.checkpoint, model, state)  # on every process: one file
     if me == 0:
         print(

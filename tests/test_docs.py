@@ -38,6 +38,55 @@ def test_every_public_name_has_an_api_entry_and_a_docstring(module, prefix):
             assert inspect.getdoc(obj), f"{prefix}.{name} has no docstring"
 
 
+def _page_entries(page: str) -> list[str]:
+    return re.findall(r"^::: ([\w.]+)", (DOCS / "api" / page).read_text(), flags=re.M)
+
+
+def _resolve(name: str):
+    module, attribute = name.rsplit(".", 1)
+    return getattr({"eqx_norm": eqx_norm, "eqx_norm.data": data}[module], attribute)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        name
+        for page in ("tools.md", "data.md")
+        for name in _page_entries(page)
+        if inspect.isfunction(_resolve(name))
+    ],
+)
+def test_every_tool_and_data_function_shows_an_example(name):
+    """The API reference showed no example for `set_approach`, `freeze`,
+    `from_equinox`, `recalibrate`, `save`, `load`, `replicate`, `fold_into` and the
+    data functions: each function on the whole-model tools' and the data page now
+    shows a Python block (`tests/test_docs.py` runs the pages' blocks, not these)."""
+    assert "```python\n" in (inspect.getdoc(_resolve(name)) or "")
+
+
+def test_every_constant_in_the_api_reference_says_what_it_is():
+    """`eqx_norm.data.DATASETS`, `MNIST_URL`, `MNIST_FILES` and
+    `eqx_norm.experiments.DEFAULT_APPROACHES` were shown as a bare value: every
+    public name that is neither a class nor a function now has the attribute
+    docstring (a string right after its assignment) that mkdocstrings renders."""
+    griffe = pytest.importorskip("griffe")
+    package = griffe.load("eqx_norm", search_paths=[str(DOCS.parent)])
+    constants = [
+        f"{prefix}{name}"
+        for module, prefix in [
+            (eqx_norm, ""),
+            (data, "data."),
+            (experiments, "experiments."),
+        ]
+        for name in module.__all__
+        if not inspect.isclass(getattr(module, name))
+        and not inspect.isfunction(getattr(module, name))
+    ]
+    assert "data.MNIST_URL" in constants
+    undocumented = [c for c in constants if not package[c].docstring]
+    assert not undocumented, f"no attribute docstring: {undocumented}"
+
+
 def _python_blocks(page: Path) -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
     return [textwrap.dedent(b) for b in blocks]

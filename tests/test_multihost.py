@@ -3,8 +3,11 @@
 process's eight devices. Each launch runs many checks and reports them all, so that
 the few launches stay within a few minutes on two cores."""
 
+import importlib.util
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,13 +30,11 @@ from .multihost import ROOT, launch, note, results, start
 
 APPROACHES = list(eqx_norm.APPROACHES)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        jax.device_count() != 8,
-        reason="compares against 8 devices (XLA_FLAGS is set in conftest.py)",
-    ),
-]
+# The tests that start processes are in the slow tier and need eight devices here.
+eight_devices = pytest.mark.skipif(
+    jax.device_count() != 8,
+    reason="compares against 8 devices (XLA_FLAGS is set in conftest.py)",
+)
 
 
 class AllApproaches(eqx.Module):
@@ -234,6 +235,8 @@ def _assert_close(got, want, name):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
+@eight_devices
 def test_two_processes_equal_one(tmp_path):
     """Two processes of four devices give the numbers of one process of eight, for
     every approach, recipe and option over 3 SAM steps, and for the tools."""
@@ -387,6 +390,8 @@ def checkpoints(args):
     }
 
 
+@pytest.mark.slow
+@eight_devices
 def test_checkpoints_of_arrays_split_across_processes(tmp_path, monkeypatch):
     """`save` and `load` on every process: values and shardings come back, a save
     that fails leaves the previous checkpoint, and this process (one of eight
@@ -491,6 +496,8 @@ def fault(args):
     return {}
 
 
+@pytest.mark.slow
+@eight_devices
 @pytest.mark.parametrize(
     "when, victim",
     [("during a step", 1), ("inside a save", 1), ("before the commit", 0)],
@@ -531,10 +538,67 @@ def test_a_killed_process_stops_the_others(when, victim, tmp_path):
 # -------------------------------------------------------------------------- example
 
 
+def _example():
+    """examples/multi_host.py as a module (it starts nothing when imported)."""
+    spec = importlib.util.spec_from_file_location(
+        "multi_host", ROOT / "examples" / "multi_host.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_multi_host_example_help_shows_every_flag_with_its_default():
+    """`--help` gave no text for `--steps`, `--rho`, `--dataset` and `--checkpoint`
+    and no default for any flag: now every flag it lists says what it is and its
+    default. (The command imports no JAX before parsing: a tenth of a second.)"""
+    text = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multi_host.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    usage, options = text.split("options:\n", 1)
+    flags = dict(re.findall(r"\[(--[\w-]+) ?([A-Z_]*)\]", usage))
+    assert {"--steps", "--rho", "--dataset", "--checkpoint"} <= flags.keys()
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", options)]
+    for flag, metavar in flags.items():
+        (entry,) = [e for e in entries if e.startswith(f"{flag} ")]
+        described = entry.removeprefix(f"{flag} {metavar}").split("(default: ")
+        assert len(described) == 2 and described[0].strip(), entry
+    assert "(default: results/multi_host.eqx)" in " ".join(entries)
+
+
+def test_multi_host_example_relays_all_but_gloo_connection_lines():
+    """The example printed sixteen `[Gloo] Rank N is connected ...` lines from its
+    processes before anything else; it now drops those, and only those, when it
+    relays their output."""
+    gloo = (
+        b"[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected "
+        b"peer ranks is : 7\n"
+    )
+    kept = [
+        b"step    0  loss 2.3012\n",
+        b"Traceback (most recent call last):\n",
+        b"ValueError: Unknown data set 'bogus'.\n",
+        b"a line that mentions [Gloo] Rank 3 is connected to 7 peer ranks\n",
+        b"no newline at the end",
+    ]
+    target = io.BytesIO()
+    _example().relay(io.BytesIO(gloo + kept[0] + gloo + b"".join(kept[1:])), target)
+    assert target.getvalue() == b"".join(kept)
+
+
+@pytest.mark.slow
+@eight_devices
 def test_multi_host_example_trains(tmp_path):
     """examples/multi_host.py --processes 2: each process reads its own rows, the
-    model learns, and the checkpoint all of them saved loads here."""
-    path = tmp_path / "model.eqx"
+    model learns, and the checkpoint all of them saved loads here. It writes the
+    checkpoint to `results/` under the working folder (not the working folder
+    itself), and prints none of Gloo's connection lines."""
+    path = tmp_path / "results" / "multi_host.eqx"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
         [
@@ -543,7 +607,6 @@ def test_multi_host_example_trains(tmp_path):
             "--processes=2",
             "--devices=2",
             "--steps=30",
-            f"--checkpoint={path}",
             "--timeout=240",
         ],
         env=env,
@@ -554,6 +617,9 @@ def test_multi_host_example_trains(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 processes, 4 devices, 30 SAM steps" in out.stdout
+    assert out.stdout.startswith("step    0  loss")
+    assert "[Gloo]" not in out.stdout + out.stderr
+    assert os.listdir(tmp_path) == ["results"]
     assert float(out.stdout.rsplit("test accuracy", 1)[1]) > 0.5
     from eqx_norm import experiments
 

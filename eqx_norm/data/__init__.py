@@ -27,6 +27,10 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's `dataset-fashion-mnist` package puts Fashion-MNIST."""
 
 DATASETS = ("digits", "mnist", "fashion-mnist")
+"""The names [`eqx_norm.data.load_dataset`][] reads: `"digits"` (bundled, see
+[`eqx_norm.data.DIGITS`][]), `"mnist"` (downloaded, see
+[`eqx_norm.data.download`][]) and `"fashion-mnist"` (Debian's package, see
+[`eqx_norm.data.FASHION_MNIST`][])."""
 
 
 def load_dataset(
@@ -38,6 +42,13 @@ def load_dataset(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load a data set as float32 images in [0, 1] of shape `(N, 1, 28, 28)` and
     int32 labels.
+
+    ```python
+    from eqx_norm import data
+
+    images, labels = data.load_dataset("digits", "train")
+    # float32 images in [0, 1] of shape (4000, 1, 28, 28), int32 labels
+    ```
 
     **Arguments:**
 

@@ -16,6 +16,9 @@ class Remote(NamedTuple):
 
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+"""Where [`eqx_norm.data.download`][] fetches MNIST from by default: the base URL
+that each file name of [`eqx_norm.data.MNIST_FILES`][] is appended to (a mirror of
+the original files)."""
 MNIST_FILES = (
     Remote(
         "train-images-idx3-ubyte.gz",
@@ -38,6 +41,10 @@ MNIST_FILES = (
         "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
     ),
 )
+"""The four files of MNIST as [`eqx_norm.data.Remote`][] tuples (name, size in bytes,
+sha256): the 60,000 training images and their labels, then the 10,000 test images
+and their labels, as gzipped IDX files. [`eqx_norm.data.download`][] fetches these by
+default and keeps each only if its size and sha256 match."""
 
 
 class DownloadError(OSError):
@@ -45,7 +52,14 @@ class DownloadError(OSError):
 
 
 def default_cache() -> Path:
-    """`$EQX_NORM_DATA`, else `$XDG_CACHE_HOME/eqx_norm`, else `~/.cache/eqx_norm`."""
+    """`$EQX_NORM_DATA`, else `$XDG_CACHE_HOME/eqx_norm`, else `~/.cache/eqx_norm`.
+
+    ```python
+    from eqx_norm import data
+
+    folder = data.default_cache() / "mnist"  # where `download` puts MNIST
+    ```
+    """
     if "EQX_NORM_DATA" in os.environ:
         return Path(os.environ["EQX_NORM_DATA"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -104,6 +118,13 @@ def download(
     A file already present with the right checksum is kept as is. Each download is
     written to a temporary file that is renamed only once its checksum matches, so
     an interrupted or corrupted download never leaves a file under the final name.
+
+    ```python
+    from eqx_norm import data
+
+    folder = data.download()  # 11.6 MB into data.default_cache() / "mnist"
+    images, labels = data.load_idx_dataset(folder, "train")  # 60,000 digits
+    ```
 
     **Arguments:**
 

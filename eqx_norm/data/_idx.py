@@ -41,6 +41,12 @@ def _read_at_most(stream: io.BufferedIOBase, size: int) -> bytes:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (the format of MNIST and Fashion-MNIST), gzipped or raw.
 
+    ```python
+    from eqx_norm import data
+
+    labels = data.read_idx(data.DIGITS / "t10k-labels-idx1-ubyte.gz")  # (1000,) uint8
+    ```
+
     **Arguments:**
 
     - `path`: the file, e.g. `train-images-idx3-ubyte.gz`. Gzip is detected from the
@@ -124,6 +130,13 @@ def load_idx_dataset(
     folder: str | Path, split: str = "train"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of an MNIST-format data set from a folder.
+
+    ```python
+    from eqx_norm import data
+
+    images, labels = data.load_idx_dataset(data.DIGITS, "test")
+    # uint8 arrays of shapes (1000, 28, 28) and (1000,)
+    ```
 
     **Arguments:**
 

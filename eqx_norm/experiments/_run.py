@@ -16,6 +16,10 @@ from ._model import CNN
 from ._settings import SettingError, check_names, check_shared, wrap
 
 DEFAULT_APPROACHES = ("none", "batch", "ema", "adam-correction", "smooth-start")
+"""The runs of the experiment by default ([`eqx_norm.experiments.Config`][]'s
+`approaches`, the command's `--approaches`): the CNN without BatchNorm (`"none"`),
+then with BatchNorm of approach `"batch"` (the reference of the claims), `"ema"`
+(Equinox's original), `"adam-correction"` and `"smooth-start"`."""
 KNOWN_APPROACHES = ("none",) + tuple(APPROACHES)
 """What `Config.approaches` may name: `"none"` (no BatchNorm) or an approach."""
 
