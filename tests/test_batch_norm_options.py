@@ -228,7 +228,8 @@ def test_compute_channels_last_traced_under_filter_jit_is_refused(where):
     with (
         as_a_user_calls_it(),
         pytest.raises(
-            TypeError, match=r"`compute_channels_last` must be True or False, got \w*Tr"
+            TypeError,
+            match=r"`compute_channels_last` must be True or False, got \w*Tracer",
         ),
     ):
         switch(model, jnp.asarray(True))
