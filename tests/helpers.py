@@ -1,11 +1,14 @@
 """What the tests share: running a layer over a batch, building and training small
 models, and comparing pytrees leaf by leaf."""
 
+import contextlib
+from collections.abc import Iterator
 from typing import cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 
 import eqx_norm
@@ -40,6 +43,21 @@ def clone(state):
     private, and the tests use the public surface only; Equinox has no public copy
     of a state, so this is the test suite's one."""
     return jax.tree.map(lambda a: a, state)
+
+
+@contextlib.contextmanager
+def as_a_user_calls_it() -> Iterator[None]:
+    """Calls without jaxtyping's runtime checks of the package's annotations. The
+    suite runs under them (see `pyproject.toml`), and they refuse an argument of
+    the wrong type with their own message before the package's checks run; a user
+    has no such checks, so a test of what a user sees for a wrong type makes its
+    call in here. The setting is restored on exit."""
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def leaves(tree) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ training call with each. Every one is checked against a float64 reference or an
 equivalent computation that does not use the option."""
 
 import copy
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -16,7 +17,17 @@ from jax.sharding import PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import apply, assert_close, assert_same, batches, clone, make, with_affine
+from .helpers import (
+    apply,
+    as_a_user_calls_it,
+    assert_close,
+    assert_same,
+    batches,
+    clone,
+    leaves,
+    make,
+    with_affine,
+)
 from .reference import REFERENCES
 
 F64 = np.float64
@@ -156,6 +167,155 @@ def test_compute_channels_last_equals_the_default_layout(
 def test_compute_channels_last_must_be_a_bool(value):
     with pytest.raises(TypeError, match="compute_channels_last"):
         eqx_norm.BatchNorm(3, "batch", compute_channels_last=value)
+
+
+def _switch_option(where, value, model, bn):
+    """`compute_channels_last=value` given to `model` (holding `bn`) through
+    `where`: the constructor, the layer's method or the whole-model tool."""
+    if where == "BatchNorm":
+        return eqx_norm.BatchNorm(3, "batch", compute_channels_last=value)
+    if where == "with_compute_channels_last":
+        return bn.with_compute_channels_last(value)
+    return eqx_norm.set_compute_channels_last(model, value)
+
+
+@pytest.mark.parametrize(
+    "where", ["BatchNorm", "with_compute_channels_last", "set_compute_channels_last"]
+)
+@pytest.mark.parametrize(
+    "value",
+    [jnp.asarray(True), np.float64("nan"), np.array([True]), "False"],
+    ids=["jax-bool", "nan", "one-element-array", "string-False"],
+)
+def test_compute_channels_last_that_is_not_a_bool_is_refused_everywhere(value, where):
+    """A JAX bool, NaN, a one-element array and the string "False" (which a
+    truth test reads as True) are refused by the constructor, the method and the
+    whole-model tool alike, naming the argument and the fix, as a user without
+    the suite's type checks sees them; the model is unchanged."""
+    model, _ = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx_norm.BatchNorm(3, "batch"), eqx_norm.BatchNorm(3, "batch")]
+    )
+    bn = cast(eqx_norm.BatchNorm, model[0])
+    before = leaves(model)
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(
+            TypeError,
+            match=r"`compute_channels_last` must be True or False, got .* of type "
+            r"\w+; for example `compute_channels_last=True`",
+        ),
+    ):
+        _switch_option(where, value, model, bn)
+    assert_same(model, before)
+    assert [b.compute_channels_last for _, b in eqx_norm.batch_norms(model)] == [
+        False,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    "where", ["with_compute_channels_last", "set_compute_channels_last"]
+)
+def test_compute_channels_last_traced_under_filter_jit_is_refused(where):
+    """The option is static (it decides the layout of the program), so a flag
+    traced by `eqx.filter_jit` is refused by name, not read as an array."""
+    model, _ = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx_norm.BatchNorm(3, "batch")]
+    )
+    bn = cast(eqx_norm.BatchNorm, model[0])
+    before = leaves(model)
+    switch = eqx.filter_jit(lambda model, flag: _switch_option(where, flag, model, bn))
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(
+            TypeError,
+            match=r"`compute_channels_last` must be True or False, got \w*Tracer",
+        ),
+    ):
+        switch(model, jnp.asarray(True))
+    assert_same(model, before)
+
+
+def _channels_last_call(case):
+    """A layer with `compute_channels_last=True`, its state, and a bad call of it."""
+    kwargs: dict[str, Any] = {"compute_channels_last": True}
+    if case == "ghost-batch-that-does-not-divide":
+        kwargs["virtual_batch_size"] = 3
+    if case == "channel-axis-out-of-range":
+        kwargs["channel_axis"] = 2
+    bn, state = make(3, **kwargs)
+    x = jnp.ones((4, 3, 5))
+    calls = {
+        "wrong-channel-count": lambda: apply(bn, jnp.ones((4, 4, 5)), state),
+        "integer-input": lambda: apply(bn, jnp.ones((4, 3, 5), jnp.int32), state),
+        "mask-of-another-shape": lambda: apply(
+            bn, x, state, mask=jnp.ones((4, 6), bool)
+        ),
+        "one-value-per-channel": lambda: apply(bn, jnp.ones((1, 3, 1)), state),
+        "ghost-batch-that-does-not-divide": lambda: apply(bn, x, state),
+        "state-of-another-layer": lambda: apply(bn, x, make(4)[1]),
+        "model-through-jax-jit": lambda: jax.jit(apply)(bn, x, state),
+        "channel-axis-out-of-range": lambda: apply(bn, jnp.ones((4, 3)), state),
+    }
+    return bn, state, calls[case]
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("wrong-channel-count", ValueError, r"axis 0 has 4 values, not 3\. Check"),
+        ("integer-input", TypeError, r"dtype int32.*Cast it first"),
+        ("mask-of-another-shape", ValueError, r"`mask` of shape \(6,\).*\(5,\)"),
+        ("one-value-per-channel", ValueError, r"one value per channel.*`approach=`"),
+        (
+            "ghost-batch-that-does-not-divide",
+            ValueError,
+            r"batch of 4 examples.*multiple of `virtual_batch_size`",
+        ),
+        ("state-of-another-layer", ValueError, r"shape \(4,\), not \(3,\)"),
+        ("model-through-jax-jit", TypeError, r"traced array.*`eqx\.filter_jit`"),
+        ("channel-axis-out-of-range", ValueError, r"channel_axis=2.*no axis 2"),
+    ],
+)
+def test_a_channels_last_layer_refuses_bad_calls_as_the_default_does(
+    case, error, message
+):
+    """Moving the channels last happens after the checks of the example, the mask,
+    the state and the flags: each bad call is refused with the default layout's
+    message, and the layer and its state are unchanged."""
+    bn, state, call = _channels_last_call(case)
+    before = leaves((bn, state))
+    with pytest.raises(error, match=message):
+        call()
+    assert_same((bn, state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`where` is called without a check: a string gives Python's bare "
+    "\"'str' object is not callable\", a predicate returning an array of two "
+    'NumPy\'s "truth value of an array ... is ambiguous"; neither names `where`',
+)
+@pytest.mark.parametrize(
+    "where",
+    ["bn", lambda bn: np.array([True, False])],
+    ids=["a-string", "returns-an-array"],
+)
+def test_set_compute_channels_last_names_a_where_that_is_not_a_predicate(where):
+    model, _ = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx_norm.BatchNorm(3, "batch")]
+    )
+    before = leaves(model)
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(
+            TypeError,
+            match=r"`set_compute_channels_last`: `where` must be a function of a "
+            r"BatchNorm returning True or False",
+        ),
+    ):
+        eqx_norm.set_compute_channels_last(model, where=where)
+    assert_same(model, before)
 
 
 # -------------------------------------------------------------------------- mask

@@ -20,8 +20,11 @@ import eqx_norm
 from .helpers import (
     Net,
     apply,
+    as_a_user_calls_it,
+    assert_same,
     batches,
     clone,
+    leaves,
     make,
     mse_loss,
     regression_data,
@@ -401,3 +404,154 @@ def test_shard_batch_names_a_leaf_that_is_not_a_batch_array(leaf, process_local)
         eqx_norm.shard_batch(
             (jnp.ones((8, 3)), leaf), mesh(), process_local=process_local
         )
+
+
+def _record(batch):
+    """The values and shardings of a batch's arrays, to check it unchanged."""
+    arrays = jax.tree.leaves(batch)
+    return leaves(arrays), [getattr(a, "sharding", None) for a in arrays]
+
+
+_UNEVEN = {
+    "one-row": (
+        lambda: eqx_norm.shard_batch(jnp.ones((1, 3)), mesh()),
+        r"A global batch of 1 does not split evenly over 8 devices.*e\.g\. 8\.",
+    ),
+    "one-row-process-local": (
+        lambda: eqx_norm.shard_batch(jnp.ones((1, 3)), mesh(), process_local=True),
+        r"A global batch of 1 does not split evenly over 8 devices.*e\.g\. 8\.",
+    ),
+    "both-axes-of-a-2d-mesh": (
+        lambda: eqx_norm.shard_batch(
+            jnp.ones((6, 3)), mesh((2, 4), ("data", "model")), ("data", "model")
+        ),
+        r"batch of 6 does not split evenly over 8 devices \(mesh axis \('data', "
+        r"'model'\)\)",
+    ),
+    "traced-under-jax-jit": (
+        lambda: jax.jit(lambda x: eqx_norm.shard_batch(x, mesh()))(jnp.ones((60, 3))),
+        r"A global batch of 60 does not split evenly over 8 devices",
+    ),
+    "an-empty-axis-name": (
+        lambda: eqx_norm.shard_batch(jnp.ones((8, 3)), mesh(), ""),
+        r"`shard_batch\(axis=''\)`: the mesh has axes \('data',\)",
+    ),
+    "an-axis-the-mesh-lacks": (
+        lambda: eqx_norm.shard_batch(jnp.ones((8, 3)), mesh(), ("data", "model")),
+        r"`shard_batch\(axis=\('data', 'model'\)\)`: the mesh has axes",
+    ),
+    "a-zero-dimensional-jax-array": (
+        lambda: eqx_norm.shard_batch((jnp.ones((8, 3)), jnp.asarray(2.0)), mesh()),
+        r"every leaf of `batch` must be an array with a leading batch axis; got "
+        r"Array\(2\.",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNEVEN))
+def test_shard_batch_refuses_a_batch_or_axis_that_does_not_fit_the_mesh(case):
+    """Each names the sizes or the axes and a value that works, traced or not,
+    with process-local rows or not; the arrays given are unchanged."""
+    call, message = _UNEVEN[case]
+    batch = jnp.ones((8, 3))
+    before = _record(batch)
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert_same(batch, before[0])
+    assert _record(batch)[1] == before[1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shard_batch and replicate use `mesh` unchecked: None or the list of "
+    "devices where a Mesh goes gives Python's bare \"'NoneType' object has no "
+    "attribute 'shape'\" (a list: \"... 'shape'\", \"... 'size'\") or, in "
+    'replicate, NamedSharding\'s "__init__(): incompatible function arguments"; '
+    "none names `mesh`",
+)
+@pytest.mark.parametrize("tool", ["shard_batch", "replicate"])
+@pytest.mark.parametrize(
+    "not_a_mesh", [None, "devices"], ids=["none", "a-list-of-devices"]
+)
+def test_a_mesh_that_is_not_a_mesh_is_named(tool, not_a_mesh):
+    not_a_mesh = jax.devices() if not_a_mesh == "devices" else not_a_mesh
+    batch = {"x": jnp.ones((8, 3))}
+    before = _record(batch)
+    call = getattr(eqx_norm, tool)
+    with as_a_user_calls_it(), pytest.raises(TypeError, match=r"`mesh`.*make_mesh"):
+        call(batch, not_a_mesh)
+    assert_same(batch, before[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`axis` is used unchecked: None or 0 gives Python's bare \"'NoneType' "
+    'object is not iterable" ("\'int\' ..."), not naming `axis`',
+)
+@pytest.mark.parametrize("axis", [None, 0], ids=["none", "an-int"])
+def test_shard_batch_names_an_axis_that_is_not_a_name(axis):
+    batch = jnp.ones((8, 3))
+    before = _record(batch)
+    with as_a_user_calls_it(), pytest.raises(TypeError, match=r"`axis`.*'data'"):
+        eqx_norm.shard_batch(batch, mesh(), axis)
+    assert_same(batch, before[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="arrays of different leading sizes (8 and 16 rows), each a multiple of "
+    "the devices, are placed without a word, though `batch` must hold one row per "
+    "example in every array (sam_step's micro-batches refuse them)",
+)
+@pytest.mark.parametrize("process_local", [False, True])
+def test_shard_batch_refuses_arrays_of_different_leading_sizes(process_local):
+    batch = (jnp.ones((8, 3)), jnp.ones((16,)))
+    before = _record(batch)
+    with pytest.raises(ValueError, match=r"`batch`.*leading.*\b8\b.*\b16\b"):
+        eqx_norm.shard_batch(batch, mesh(), process_local=process_local)
+    assert_same(batch, before[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='`process_local` is read by its truth: "no" (or None) is taken, and '
+    '"no" means True; the rest of the package refuses such flags by name '
+    "(compute_channels_last)",
+)
+def test_shard_batch_names_a_process_local_that_is_not_a_bool():
+    batch = jnp.ones((8, 3))
+    before = _record(batch)
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(TypeError, match=r"`process_local` must be True or False"),
+    ):
+        eqx_norm.shard_batch(batch, mesh(), process_local="no")  # pyright: ignore
+    assert_same(batch, before[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an empty batch with process_local=True is placed on one process "
+    "(0 rows divide over any device count), but refused on several ('process p "
+    "passes 0 rows'): the one-process form is not the global one for it",
+)
+def test_an_empty_process_local_batch_is_refused_on_one_process_too():
+    batch = jnp.ones((0, 3))
+    before = _record(batch)
+    with pytest.raises(ValueError, match=r"passes 0 rows"):
+        eqx_norm.shard_batch(batch, mesh(), process_local=True)
+    assert_same(batch, before[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="inside jax.jit shard_batch's device_put does not constrain the traced "
+    "batch: the result comes back replicated (spec P()), not split over 'data', "
+    "with no error",
+)
+def test_shard_batch_of_a_traced_batch_names_jit():
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    before = _record(x)
+    with pytest.raises(TypeError, match=r"`shard_batch`.*outside `jax\.jit`"):
+        jax.jit(lambda x: eqx_norm.shard_batch(x, mesh()))(x)
+    assert_same(x, before[0])

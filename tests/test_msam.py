@@ -9,7 +9,16 @@ import pytest
 
 import eqx_norm
 
-from .helpers import Net, clone, counting, mse_loss, regression_data
+from .helpers import (
+    Net,
+    as_a_user_calls_it,
+    assert_same,
+    clone,
+    counting,
+    leaves,
+    mse_loss,
+    regression_data,
+)
 
 # The closed-form loss of tests/test_sam.py: L(w) = sum(c w^2 / 2 + d w^4 / 4).
 SHAPES = {"a": (4, 3), "b": (3,), "c": (2, 2, 2)}
@@ -425,3 +434,246 @@ def test_a_momentum_that_a_first_update_leaves_at_zero_is_refused():
         opt.init({"w": jnp.ones(3)})
     # A momentum kept before the learning rate (optax.sgd) is fine with it.
     eqx_norm.msam(optax.sgd(warmup, momentum=0.9)).init({"w": jnp.ones(3)})
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "rho, error, message",
+    [
+        ("0.3", TypeError, r"`rho` must be a real scalar or a schedule, got '0\.3'"),
+        (None, TypeError, r"`rho` must be a real scalar or a schedule, got None"),
+        ([0.3], TypeError, r"`rho` must be a real scalar or a schedule, got \[0\.3\]"),
+        (np.bool_(True), TypeError, r"`rho` must be a real scalar or a schedule"),
+        (0.3 + 1j, ValueError, r"`rho` must be finite and at least 0"),
+        (np.float32("nan"), ValueError, r"`rho` must be finite and at least 0"),
+        (np.float64(-0.3), ValueError, r"`rho` must be finite and at least 0"),
+        (1e39, ValueError, r"`rho` must be finite in float32"),
+    ],
+    ids=[
+        "string",
+        "none",
+        "list",
+        "numpy-bool",
+        "complex",
+        "numpy-nan",
+        "numpy-negative",
+        "infinite-in-float32",
+    ],
+)
+def test_msam_refuses_a_rho_that_is_not_a_radius(rho, error, message):
+    """Each is refused when the optimizer is made, as a user without the suite's
+    type checks sees it, naming `rho` and a value that works."""
+    with as_a_user_calls_it(), pytest.raises(error, match=message + r".*`rho=0\.3`"):
+        eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=rho)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [None, optax.sgd, optax.MultiSteps(optax.sgd(0.1, momentum=0.9), 2), "sgd"],
+    ids=["none", "the-factory-not-called", "multi-steps-inside", "string"],
+)
+def test_msam_refuses_a_base_that_is_not_a_gradient_transformation(base):
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(
+            ValueError,
+            match=r"`base_optimizer` must be an Optax gradient transformation, e\.g\. "
+            r"`eqx_norm\.msam\(optax\.sgd\(0\.1, momentum=0\.9\), rho=0\.3\)`; got",
+        ),
+    ):
+        eqx_norm.msam(base)
+
+
+def test_a_rho_traced_under_filter_jit_that_is_negative_stops_the_update(getkey):
+    """A `rho` passed into a jitted function is traced, so it is checked when the
+    update runs; the parameters given to it are unchanged."""
+    params, c, d = _problem(getkey())
+    before = leaves(params)
+
+    @eqx.filter_jit
+    def update(rho, params):
+        opt = eqx_norm.msam(optax.sgd(0.05, momentum=0.9), rho=rho)
+        return opt.update(_grad(params, c, d), opt.init(params), params)
+
+    with pytest.raises(
+        eqx.EquinoxRuntimeError,
+        match=r"`eqx_norm\.msam`: `rho` is NaN, infinite or negative at this update",
+    ):
+        update(jnp.asarray(-1.0), params)
+    assert_same(params, before)
+
+
+def test_an_injected_nan_rho_stops_a_sam_step(getkey):
+    """`optax.inject_hyperparams(eqx_norm.msam)` with a NaN written into its state:
+    the step stops before it changes anything."""
+    opt = optax.inject_hyperparams(eqx_norm.msam, static_args="base_optimizer")(
+        optax.sgd(0.1, momentum=0.9), rho=0.3
+    )
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt_state: Any = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state.hyperparams["rho"] = jnp.asarray(jnp.nan)
+    before = leaves((model, state, opt_state))
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"`eqx_norm\.msam`: `rho` is NaN.*inject_hyp"
+    ):
+        eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(
+            model, state, opt_state, *regression_data(getkey())
+        )
+    assert_same((model, state, opt_state), before)
+
+
+def _bad_msam_step(case, model, params) -> tuple[Any, dict[str, Any], Any, slice]:
+    """A bad `sam_step` call with Momentum-SAM, as `(optimizer, step options,
+    opt_state, rows of the batch)`."""
+    opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    good = cast(eqx_norm.MSAMState, opt.init(params))
+    options: dict[str, Any] = {}
+    rows, opt_state = slice(None), good
+    if case == "empty-batch":
+        rows = slice(0, 0)
+    elif case == "micro-batches-that-do-not-split":
+        options["micro_batches"] = 3
+    elif case == "opt-state-of-sam":
+        opt_state = eqx_norm.sam(optax.sgd(0.1, momentum=0.9)).init(params)
+    elif case == "state-without-its-next-perturbation":
+        opt_state = good._replace(next=good.next.perturbation)
+    else:  # the state of a model with a wider last layer
+        wider = eqx.tree_at(
+            lambda m: m.layers[3], model, eqx.nn.Linear(6, 3, key=jax.random.key(1))
+        )
+        opt_state = opt.init(eqx.filter(wider, eqx.is_inexact_array))
+    return opt, options, opt_state, rows
+
+
+_BAD_STEPS = {
+    "empty-batch": r"empty batch.*Skip empty batches",
+    "micro-batches-that-do-not-split": r"`sam_step\(micro_batches=3\)` got a batch "
+    r"of 16 examples",
+    "opt-state-of-sam": r"`opt_state` is not a state.*SAMState",
+    "state-without-its-next-perturbation": r"`opt_state` is not a state.*"
+    r"`opt_state\.next\.perturbation",
+    "opt-state-of-another-model": r"at `opt_state\.next\.perturbation\.layers\."
+    r"layers\[3\]\.weight` the optimizer makes an array float32\[2, 6\], but the "
+    r"step got an array float32\[3, 6\]",
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_STEPS))
+def test_sam_step_with_msam_refuses_a_bad_step(case, getkey):
+    """Refused when the step is traced, naming what to change; the model, its
+    state and the optimizer state are unchanged."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt, options, opt_state, rows = _bad_msam_step(case, model, params)
+    x, y = regression_data(getkey())
+    before = leaves((model, state, opt_state))
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt, **options))
+    with pytest.raises(ValueError, match=_BAD_STEPS[case]):
+        step(model, state, opt_state, x[rows], y[rows])
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a base optimizer that keeps no momentum for any parameter (every one "
+    "left out by optax.masked, or no parameters at all) is refused with the "
+    "message for a warm-up from a learning rate of 0, which is not the fault",
+)
+@pytest.mark.parametrize(
+    "base, params",
+    [
+        (
+            optax.masked(optax.sgd(0.1, momentum=0.9), {"w": False, "b": False}),
+            {"w": jnp.ones(3), "b": jnp.ones(2)},
+        ),
+        (optax.sgd(0.1, momentum=0.9), {}),
+    ],
+    ids=["masked-leaves-every-parameter-out", "no-parameters"],
+)
+def test_msam_names_a_base_that_keeps_no_momentum_for_any_parameter(base, params):
+    before = leaves(params)
+    with pytest.raises(
+        ValueError, match=r"`base_optimizer`.*(for no parameter|every parameter)"
+    ) as error:
+        eqx_norm.msam(base, rho=0.3).init(params)
+    assert "warm-up" not in str(error.value)
+    assert_same(params, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a rho schedule returning a vector fails in JAX's broadcasting "
+    "(`Incompatible shapes for broadcasting: shapes=[(2,), (4, 3)]`) and one "
+    "returning a string in JAX's conversion (`Value '0.3' with dtype <U3 is not a "
+    "valid JAX array type`); neither names `rho` (eqx_norm.sam alike)",
+)
+@pytest.mark.parametrize(
+    "schedule",
+    [lambda count: jnp.full(2, 0.3), lambda count: "0.3"],
+    ids=["a-vector", "a-string"],
+)
+def test_a_rho_schedule_that_returns_no_scalar_names_rho(schedule, getkey):
+    params, c, d = _problem(getkey())
+    opt = eqx_norm.msam(optax.sgd(0.05, momentum=0.9), rho=schedule)
+    opt_state = opt.init(params)
+    before = leaves((params, opt_state))
+    with pytest.raises(TypeError, match=r"`rho`.*schedule.*(scalar|number)"):
+        opt.update(_grad(params, c, d), opt_state, params)
+    assert_same((params, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='sam_step(..., perturbation="per-micro-batch") with Momentum-SAM runs '
+    "silently as the whole-batch step: Momentum-SAM's one perturbation is "
+    "declared before the step (a NextPerturbation), so no micro-batch is perturbed "
+    "by its own gradient, as the option asks",
+)
+def test_per_micro_batch_perturbation_with_msam_is_refused(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    before = leaves((model, state, opt_state))
+    step = eqx_norm.sam_step(
+        mse_loss, opt, micro_batches=2, perturbation="per-micro-batch"
+    )
+    with pytest.raises(ValueError, match=r'`perturbation="per-micro-batch"`.*msam'):
+        eqx.filter_jit(step)(model, state, opt_state, *regression_data(getkey()))
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="micro-batches of one example reach BatchNorm as a batch of one: its "
+    "OneValuePerChannelError says 'batch size 1 ... or a larger batch' and never "
+    "names `micro_batches`, the setting that made the batch that small",
+)
+def test_micro_batches_of_one_example_name_micro_batches(getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    before = leaves((model, state, opt_state))
+    step = eqx_norm.sam_step(mse_loss, opt, micro_batches=16)
+    with pytest.raises(ValueError, match=r"micro_batches=16.*one example"):
+        eqx.filter_jit(step)(model, state, opt_state, *regression_data(getkey()))
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="optax.masked(eqx_norm.msam(...), mask) leaves MaskedNode leaves in the "
+    "declared NextPerturbation, and pass_point refuses them as 'a leaf of shape "
+    "(0,) for a parameter of shape (2, 2, 2)', blaming the perturbation's shape",
+)
+def test_msam_inside_optax_masked_equals_msam_around_it(getkey):
+    """Momentum-SAM inside `optax.masked` perturbs what it trains, as Momentum-SAM
+    around a masked base optimizer does (the documented way): the same steps."""
+    params, c, d = _problem(getkey())
+    mask = {"a": True, "b": True, "c": False}
+    inside = optax.masked(eqx_norm.msam(optax.sgd(0.05, momentum=0.9), 0.3), mask)
+    around = eqx_norm.msam(optax.masked(optax.sgd(0.05, momentum=0.9), mask), 0.3)
+    ours, theirs = _run(inside, params, c, d, 3), _run(around, params, c, d, 3)
+    for (w, at), (w1, at1) in zip(ours, theirs):
+        assert_same((w, at), (w1, at1))

@@ -14,6 +14,7 @@ import eqx_norm
 from .helpers import (
     Net,
     apply,
+    as_a_user_calls_it,
     assert_close,
     assert_same,
     clone,
@@ -323,6 +324,28 @@ def test_sam_accepts_numpy_jax_scalars_and_schedules():
         eqx_norm.sam(optax.sgd(0.1), rho=rho)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason='`adaptive` is not checked when the optimizer is made: "yes" or None '
+    'is taken, and the first update fails inside jnp.where ("Error interpreting '
+    'argument to <function _where> as an abstract array", "where requires '
+    "ndarray or scalar arguments, got <class 'NoneType'>\") without naming it",
+)
+@pytest.mark.parametrize("adaptive", ["yes", None], ids=["a-string", "none"])
+def test_sam_names_an_adaptive_that_is_not_a_bool(adaptive, getkey):
+    """ASAM-ON (`adaptive=` with `mask=eqx_norm.normalisation_mask`), as a user
+    without the suite's type checks makes it."""
+    params = _params(getkey())
+    before = leaves(params)
+    with (
+        as_a_user_calls_it(),
+        pytest.raises(TypeError, match=r"`adaptive` must be True or False"),
+    ):
+        opt = eqx_norm.sam(optax.sgd(0.1), adaptive=adaptive)
+        opt.update(params, opt.init(params), params, grad_fn=lambda p: p)
+    assert_same(params, before)
+
+
 def test_update_without_grad_fn_points_to_sam_step():
     opt = eqx_norm.sam(optax.sgd(0.1))
     params = {"w": jnp.ones(3)}
@@ -620,18 +643,24 @@ def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getke
     )
 
 
-def test_a_user_written_variant_on_the_contract(getkey):
-    """The SAM variant in a dozen lines of `eqx_norm.perturbed_gradient`'s
-    docstring, run from there: it gets the gradient at `w + rho sign(g)`, through
-    `sam_step`, against the same formula written out."""
-    rho, lr = 0.03, 0.1
+def _docs_variant():
+    """`signed_sam(base, rho)`, the SAM variant in a dozen lines of
+    `eqx_norm.perturbed_gradient`'s docstring, run from there."""
     doc = inspect.getdoc(eqx_norm.perturbed_gradient) or ""
     code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
     assert code is not None
     namespace: dict[str, Any] = {"eqx_norm": eqx_norm, "optax": optax}
     namespace |= {"jax": jax, "jnp": jnp}
     exec(code.group(1), namespace)
-    signed_sam = namespace["signed_sam"]
+    return namespace["signed_sam"]
+
+
+def test_a_user_written_variant_on_the_contract(getkey):
+    """The SAM variant of `eqx_norm.perturbed_gradient`'s docstring gets the
+    gradient at `w + rho sign(g)`, through `sam_step`, against the same formula
+    written out."""
+    rho, lr = 0.03, 0.1
+    signed_sam = _docs_variant()
 
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -897,3 +926,258 @@ def test_an_injected_nan_rho_stops_the_update(getkey):
     x, y = regression_data(getkey())
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"`eqx_norm\.sam`: `rho` is NaN"):
         eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(model, state, opt_state, x, y)
+
+
+# ------------------------------------------------- the contract: bad input
+
+
+def _sign_rule(grads, params):
+    return jax.tree.map(lambda g: 0.01 * jnp.sign(g), grads)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda p, g: eqx_norm.perturbed_gradient(None, _sign_rule, g, p),
+            r"this optimizer's `update` needs `grad_fn=`.*`eqx_norm\.sam_step",
+        ),
+        (
+            lambda p, g: eqx_norm.perturbed_gradient(lambda q: q, _sign_rule, g, None),
+            r"this optimizer's `update` needs `params`.*`opt\.update\(grads, ",
+        ),
+        (
+            lambda p, g: (opt := _docs_variant()(optax.sgd(0.1), 0.01)).update(
+                g, opt.init(p), p
+            ),
+            r"this optimizer's `update` needs `grad_fn=`",
+        ),
+        (
+            lambda p, g: (opt := _docs_variant()(optax.sgd(0.1), 0.01)).update(
+                g, opt.init(p), grad_fn=lambda q: q
+            ),
+            r"this optimizer's `update` needs `params`",
+        ),
+    ],
+    ids=[
+        "no-grad-fn",
+        "no-params",
+        "docs-variant-without-grad-fn",
+        "docs-variant-without-params",
+    ],
+)
+def test_perturbed_gradient_names_what_an_update_was_not_given(call, message, getkey):
+    """Called directly, or through the docs' variant's `update`, without
+    `grad_fn` or `params`: the error says which and how to pass it."""
+    params = _params(getkey())
+    grads = jax.tree.map(lambda w: 0.5 * w, params)
+    before = leaves((params, grads))
+    with pytest.raises(ValueError, match=message):
+        call(params, grads)
+    assert_same((params, grads), before)
+
+
+@pytest.mark.parametrize(
+    "rule, grads_given",
+    [
+        (lambda g, p: None, True),
+        (lambda g, p: 0.1, True),
+        (lambda g, p: jax.tree.leaves(g), True),
+        (_sign_rule, False),
+    ],
+    ids=["returns-none", "returns-a-scalar", "returns-a-list-of-leaves", "grads-none"],
+)
+def test_a_rule_whose_perturbation_is_not_a_tree_of_the_parameters(
+    rule, grads_given, getkey
+):
+    """Under `jax.jit` (traced parameters and gradients), a rule returning `None`,
+    one number or the leaves as a list, or a rule given `None` for the gradient,
+    is refused at trace time naming the rule and the structures."""
+    params = _params(getkey())
+    grads = jax.tree.map(lambda w: 0.5 * w, params)
+    before = leaves((params, grads))
+
+    @jax.jit
+    def perturbed(params, grads):
+        given: Any = grads if grads_given else None
+        return eqx_norm.perturbed_gradient(lambda p: p, rule, given, params)
+
+    with pytest.raises(
+        ValueError,
+        match=r"the perturbation rule's `e = rule\(grads, params\)` does not have "
+        r"the structure of the parameters: the parameters are PyTreeDef\(\{'a'",
+    ):
+        perturbed(params, grads)
+    assert_same((params, grads), before)
+
+
+@pytest.mark.parametrize(
+    "perturbation",
+    [None, 0.1, "leaves"],
+    ids=["none", "a-scalar", "a-list-of-leaves"],
+)
+def test_pass_point_refuses_a_declared_perturbation_that_is_not_a_tree(
+    perturbation, getkey
+):
+    params = _params(getkey())
+    if perturbation == "leaves":
+        perturbation = [jnp.zeros_like(w) for w in jax.tree.leaves(params)]
+    opt_state = (optax.EmptyState(), eqx_norm.NextPerturbation(perturbation))
+    before = leaves((params, opt_state))
+    with pytest.raises(
+        ValueError,
+        match=r"the `eqx_norm\.NextPerturbation` in the optimizer state does not have "
+        r"the structure of the parameters",
+    ):
+        eqx_norm.pass_point(opt_state, params)
+    assert_same((params, opt_state), before)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps
+def test_the_docs_variant_inside_an_accumulating_multi_steps_is_refused(getkey):
+    """A variant written on the contract is refused inside an accumulating
+    `optax.MultiSteps` as `eqx_norm.sam` is, before any update is applied."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    opt = optax.MultiSteps(_docs_variant()(optax.sgd(0.1), 0.01), every_k_schedule=2)
+    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
+    x, y = regression_data(getkey())
+    model, state, opt_state, _ = step(
+        model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y
+    )
+    before = leaves((model, state, opt_state))
+    with pytest.raises(
+        eqx.EquinoxRuntimeError,
+        match=r"inside `optax\.MultiSteps` with `every_k_schedule` above 1.*"
+        r"micro_batches=k",
+    ):
+        step(model, state, opt_state, x, y)
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="perturbed_gradient calls `rule` and `grad_fn` unchecked: `rule=None` "
+    "or a radius in its place gives Python's bare \"'NoneType' object is not "
+    "callable\" (\"'float' ...\"), the gradient passed as `grad_fn` \"'dict' object "
+    'is not callable"; none names the argument',
+)
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (lambda g: (lambda p: p, None), r"`rule`.*function"),
+        (lambda g: (lambda p: p, 0.05), r"`rule`.*function"),
+        (lambda g: (g, _sign_rule), r"`grad_fn`.*function"),
+    ],
+    ids=["rule-none", "a-radius-as-rule", "the-gradient-as-grad-fn"],
+)
+def test_perturbed_gradient_names_a_rule_or_grad_fn_that_is_no_function(
+    arguments, message, getkey
+):
+    params = _params(getkey())
+    grads = jax.tree.map(lambda w: 0.5 * w, params)
+    grad_fn, rule = arguments(grads)
+    before = leaves((params, grads))
+    with as_a_user_calls_it(), pytest.raises(TypeError, match=message):
+        eqx_norm.perturbed_gradient(grad_fn, rule, grads, params)
+    assert_same((params, grads), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a perturbation of strings, from a rule or declared in a "
+    "NextPerturbation, gets JAX's bare \"Value 'x' with dtype <U1 is not a valid "
+    "JAX array type\" (and the string 'b', which JAX reads as a dtype code, 'does "
+    "not have the structure of the parameters' with two identical pictures of the "
+    "structure); neither says which perturbation has a leaf that is not numbers",
+)
+@pytest.mark.parametrize("source", ["rule", "declared"])
+def test_a_perturbation_of_strings_is_named(source, getkey):
+    params = _params(getkey())
+    strings = jax.tree.map(lambda _: "x", params)
+    before = leaves(params)
+    with pytest.raises(TypeError, match=r"(rule|NextPerturbation).*(number|array)"):
+        if source == "rule":
+            eqx_norm.perturbed_gradient(
+                lambda p: p,
+                lambda g, p: strings,
+                jax.tree.map(jnp.ones_like, params),
+                params,
+            )
+        else:
+            eqx_norm.pass_point((eqx_norm.NextPerturbation(strings),), params)
+    assert_same(params, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pass_point given `params=None`, or the parameters of another model, "
+    "blames the NextPerturbation ('does not have the structure of the "
+    "parameters ... Return one array for each parameter, e.g. "
+    "`jax.tree.map(lambda g: rho * g, grads)`'), a fix for a rule's author, and "
+    "never names `params`",
+)
+@pytest.mark.parametrize(
+    "params", [None, {"a": jnp.ones((4, 3))}], ids=["none", "another-models"]
+)
+def test_pass_point_names_params_that_do_not_fit_the_optimizer_state(params, getkey):
+    opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    opt_state = opt.init(_params(getkey()))
+    before = leaves((params, opt_state))
+    with pytest.raises(ValueError, match=r"`pass_point`.*`params`"):
+        eqx_norm.pass_point(opt_state, params)
+    assert_same((params, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the step's grad_fn (a StepGradient) called by a user's variant with a "
+    "tree other than the parameters fails deep: JAX's 'pytree structure error' "
+    "in eqx.combine for a dict, 'grad requires real- or complex-valued inputs ... "
+    "got bool' for the whole model; neither names grad_fn or the parameters",
+)
+@pytest.mark.parametrize(
+    "point",
+    [lambda model, params: {"w": jnp.ones(3)}, lambda model, params: model],
+    ids=["another-tree", "the-whole-model"],
+)
+def test_the_step_gradient_names_a_point_that_is_not_the_parameters(point, getkey):
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    base = optax.sgd(0.1)
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra):
+        assert grad_fn is not None
+        return base.update(grad_fn(point(model, params)), state, params)
+
+    opt = optax.GradientTransformationExtraArgs(base.init, update_fn)
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    before = leaves((model, state, opt_state))
+    with pytest.raises(ValueError, match=r"`grad_fn`.*structure of the parameters"):
+        eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))(
+            model, state, opt_state, *regression_data(getkey())
+        )
+    assert_same((model, state, opt_state), before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SAM inside optax.masked with a mask that leaves parameters out: the "
+    "parameters given to the StepGradient hold optax.MaskedNode leaves, and the "
+    "second pass fails in eqx.combine with JAX's bare 'pytree structure error: "
+    "different types at key path ... MaskedNode ... NoneType'; the existing "
+    "wrapper test masks nothing out",
+)
+def test_sam_inside_optax_masked_that_leaves_parameters_out(getkey):
+    """It updates what the mask leaves in as SAM with that `mask` does (the
+    perturbation and its norm over those parameters only)."""
+    model, state = eqx.nn.make_with_state(Net)(getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    mask = jax.tree.map(lambda _: False, params)
+    mask = eqx.tree_at(lambda p: p.layers[3].weight, mask, True)
+    x, y = regression_data(getkey())
+    inside, _, _ = one_step(
+        optax.masked(eqx_norm.sam(optax.sgd(0.1), rho=0.3), mask), model, state, x, y
+    )
+    alone, _, _ = one_step(
+        eqx_norm.sam(optax.sgd(0.1), rho=0.3, mask=mask), model, state, x, y
+    )
+    assert_close(inside.layers[3].weight, alone.layers[3].weight, rtol=1e-6, atol=1e-7)
