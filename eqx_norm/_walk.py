@@ -6,6 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import PyTree
 
 from ._approaches import Approach, as_approach
@@ -129,10 +130,25 @@ def _switch(model, change, where, what: str) -> PyTree:
     """`model` with `change` applied to every BatchNorm that `where` selects, or a
     `ValueError` naming `what` if none is."""
     matched = 0
+    if where is not None and not callable(where):
+        raise TypeError(_not_a_predicate(what, where))
+
+    def chosen(x) -> bool:
+        if where is None:
+            return True
+        verdict: Any = where(x)
+        if not isinstance(verdict, (bool, np.bool_)) and not (
+            np.ndim(verdict) == 0
+            and getattr(verdict, "dtype", None) is not None
+            and np.dtype(verdict.dtype) == np.bool_
+            and not isinstance(verdict, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
+        ):
+            raise TypeError(_not_a_predicate(what, verdict, returned=True))
+        return bool(verdict)
 
     def swap(x):
         nonlocal matched
-        if is_batch_norm(x) and (where is None or where(x)):
+        if is_batch_norm(x) and chosen(x):
             matched += 1
             return change(x)
         return x
@@ -143,6 +159,14 @@ def _switch(model, change, where, what: str) -> PyTree:
             raise ValueError(f"`{what}`: `where` matched no BatchNorm layer.")
         raise no_batch_norm(what)
     return model
+
+
+def _not_a_predicate(what: str, value, returned: bool = False) -> str:
+    got = f"it returned {value!r}" if returned else f"got {value!r}"
+    return (
+        f"`{what}`: `where` must be a function of a BatchNorm returning True or "
+        f"False, {got}; e.g. `where=lambda bn: bn.input_size == 64`."
+    )
 
 
 def freeze(

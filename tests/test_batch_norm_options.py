@@ -290,12 +290,6 @@ def test_a_channels_last_layer_refuses_bad_calls_as_the_default_does(
     assert_same((bn, state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`where` is called without a check: a string gives Python's bare "
-    "\"'str' object is not callable\", a predicate returning an array of two "
-    'NumPy\'s "truth value of an array ... is ambiguous"; neither names `where`',
-)
 @pytest.mark.parametrize(
     "where",
     ["bn", lambda bn: np.array([True, False])],
