@@ -108,9 +108,10 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     naming `path` and leaving it as it was. An `ImportError` naming the extra to
     install if arrays are sharded across processes and Orbax is missing.
     """
+    path = _checked_call("save", path, model, state)
     # Through a symbolic link (`latest.eqx -> step100.eqx`): write its target, in
     # the target's folder, and keep the link.
-    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
     if jax.process_count() == 1:
         _write(path, header, (model, state))
@@ -153,9 +154,56 @@ def _write(path: Path, header: dict[str, Any], tree: PyTree | None) -> None:
             os.remove(tmp)
 
 
+def _checked_call(tool: str, path: Any, model: PyTree, state: Any) -> Path:
+    """`path` as a `Path`, once the call's arguments are checked: a path, a state
+    that holds every state entry of the model, and concrete arrays (not traced
+    under `jit`). A `TypeError` or `ValueError` naming the argument otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"`eqx_norm.{tool}`: `path` must be a file path (a str or "
+            f"`pathlib.Path`), got {path!r}; e.g. `eqx_norm.{tool}("
+            f'"model.eqx", model, state)`.'
+        )
+    if not isinstance(state, eqx.nn.State):
+        swapped = (
+            " (model and state swapped?)" if isinstance(model, eqx.nn.State) else ""
+        )
+        raise TypeError(
+            f"`eqx_norm.{tool}`: `state` must be the model's `eqx.nn.State`, got a "
+            f"{type(state).__name__}{swapped}; call `eqx_norm.{tool}(path, model, "
+            "state)` with the state made with the model (`eqx.nn.make_with_state`)."
+        )
+    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
+    for leaf in jax.tree.leaves(model, is_leaf=is_index):
+        if is_index(leaf):
+            try:
+                state.get(leaf)
+            except KeyError:
+                raise ValueError(
+                    f"`eqx_norm.{tool}`: `state` does not hold the entries of this "
+                    "model's stateful layers: it is the `eqx.nn.State` of another "
+                    "model. Pass the state made with this model "
+                    "(`eqx.nn.make_with_state`) or returned by its last step."
+                ) from None
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((model, state))):  # pyright: ignore[reportAttributeAccessIssue]
+        raise TypeError(
+            f"`eqx_norm.{tool}` got traced arrays: it was called inside `jit` (or "
+            "another transformation), where arrays have no values to "
+            f"{'write' if tool == 'save' else 'replace'}. Call it outside `jit`, "
+            "between steps."
+        )
+    return Path(path)
+
+
 def _mode_for(path: Path) -> int:
     """The permissions the file at `path` should have after `save`, or an `OSError`
     naming `path` if it cannot be written there."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(
+            f"`eqx_norm.save`: {str(path.parent)!r} is a file, not a folder, so "
+            f"{str(path)!r} cannot be written in it; save to a path in a folder, "
+            f"e.g. {str(path.parent.parent / path.name)!r}."
+        )
     if not path.parent.is_dir():
         raise FileNotFoundError(
             f"`eqx_norm.save`: the folder {str(path.parent)!r} of {str(path)!r} does "
@@ -272,7 +320,7 @@ def load(
     folder if the arrays of a checkpoint of arrays sharded across processes are not
     beside the file.
     """
-    path = Path(path)
+    path = _checked_call("load", path, model, state)
     with open(path, "rb") as f:
         line = f.readline()
         layers, version, header = _read_header(path, line)
@@ -305,6 +353,12 @@ def load(
             raise ValueError(
                 f"{path}: does not match this model's structure: {e}"
             ) from e
+        if f.read(1):
+            raise ValueError(
+                f"{path}: has bytes after its last leaf, so it is not one "
+                "checkpoint of this model (appended to, or two files joined); "
+                "save the model again, or restore the file from a copy."
+            )
     return jax.tree.map(place_like, loaded, (model, state))
 
 

@@ -531,12 +531,6 @@ def test_load_through_a_link_whose_file_is_gone_names_the_link(tmp_path):
     assert link.is_symlink()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`path` is used unchecked: None gives Python's \"expected str, bytes or "
-    'os.PathLike object, not NoneType", which does not say which argument or '
-    "which call",
-)
 @pytest.mark.parametrize("tool", ["save", "load"])
 def test_a_path_that_is_none_is_named(tool, tmp_path):
     model, state = eqx.nn.make_with_state(MLP)()
@@ -549,12 +543,6 @@ def test_a_path_that_is_none_is_named(tool, tmp_path):
     assert_same((model, state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="saving into 'notes.txt/model.eqx', where notes.txt is a file, says "
-    "\"the folder 'notes.txt' ... does not exist; create it first\": it exists, "
-    "as a file, and mkdir would fail",
-)
 def test_save_into_a_file_as_if_a_folder_says_it_is_a_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep")
@@ -574,13 +562,6 @@ def _not_the_state(case, model, state):
     return state, model  # swapped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the state is used unchecked: None gives \"'NoneType' object has no "
-    "attribute 'get'\", another model's state \"KeyError: 'MLP.layers.layers[1]."
-    "state_index'\", and save(path, state, model), the two swapped, writes a "
-    "checkpoint that no model loads; none names `state`",
-)
 @pytest.mark.parametrize("tool", ["save", "load"])
 @pytest.mark.parametrize(
     "case", ["state-none", "state-of-another-model", "model-and-state-swapped"]
@@ -601,13 +582,6 @@ def test_a_state_that_is_not_the_models_is_named(tool, case, tmp_path):
     assert path.read_bytes() == content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save and load inside eqx.filter_jit fail in the middle, with JAX's "
-    "TreePathError while serialising traced leaves (save) or \"The 'sharding' "
-    'attribute is not available on traced array" (load), not saying to call '
-    "them outside jit (the previous file is kept)",
-)
 @pytest.mark.parametrize("tool", ["save", "load"])
 def test_save_and_load_under_jit_say_to_call_them_outside(tool, tmp_path):
     model, state = trained_mlp()
@@ -623,12 +597,6 @@ def test_save_and_load_under_jit_say_to_call_them_outside(tool, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.eqx"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bytes after a checkpoint's last leaf (garbage appended, two files "
-    "concatenated) are never read: load returns the first checkpoint as if the "
-    "file were whole, while a file missing bytes is refused",
-)
 @pytest.mark.parametrize(
     "tail", [b"garbage", "itself"], ids=["garbage-appended", "concatenated-twice"]
 )
