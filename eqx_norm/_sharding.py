@@ -7,6 +7,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from ._checks import boolean
+
 
 def shard_batch(
     batch: PyTree,
@@ -58,6 +60,16 @@ def shard_batch(
     its own devices, raised on every process), or if the processes pass batches
     of different shapes or dtypes (raised on every process).
     """
+    _check_mesh("shard_batch", mesh)
+    process_local = boolean("process_local", process_local)
+    if not (
+        isinstance(axis, str)
+        or (isinstance(axis, tuple) and axis and all(isinstance(a, str) for a in axis))
+    ):
+        raise TypeError(
+            f"`shard_batch`: `axis` must be a mesh axis name or a tuple of them, got "
+            f"{axis!r}; e.g. `axis='data'` for a mesh of axes {tuple(mesh.shape)}."
+        )
     names: tuple[str, ...] = (axis,) if isinstance(axis, str) else tuple(axis)
     devices = 1
     for name in names:
@@ -73,6 +85,20 @@ def shard_batch(
                 f"batch axis; got {x!r:.60}. Pass scalars and other settings to the "
                 "step separately, or as arrays of one row per example."
             )
+    leaves = jax.tree.leaves(batch)
+    sizes = sorted({np.shape(x)[0] for x in leaves})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"`shard_batch`: the arrays of `batch` have different leading sizes "
+            f"{sizes}; each must hold one row per example, so that every device "
+            "gets the same examples of each."
+        )
+    if process_local and sizes == [0]:
+        raise ValueError(
+            f"`shard_batch(..., process_local=True)`: process "
+            f"{jax.process_index()} passes 0 rows; give every process at least one "
+            "row per device (drop an empty last batch)."
+        )
     spec = PartitionSpec(names[0] if len(names) == 1 else names)
     sharding = NamedSharding(mesh, spec)
     if process_local and not _all_local(mesh):
@@ -86,9 +112,22 @@ def shard_batch(
                 f"devices (mesh axis {axis!r}); use a batch size that is a multiple "
                 f"of {devices}, e.g. {(size // devices + 1) * devices}."
             )
+        if isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+            # Inside `jit`: the same placement, as a constraint on the traced batch.
+            return jax.lax.with_sharding_constraint(x, sharding)
         return jax.device_put(x, sharding)
 
     return jax.tree.map(place, batch)
+
+
+def _check_mesh(tool: str, mesh: Any) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`{tool}`: `mesh` must be a `jax.sharding.Mesh`, got "
+            f"{type(mesh).__name__}; make one with `jax.make_mesh(("
+            "jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType."
+            "Auto,))`."
+        )
 
 
 def _all_local(mesh: Mesh) -> bool:
@@ -165,6 +204,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
     The pytree with its arrays replicated over the mesh.
     """
+    _check_mesh("replicate", mesh)
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(
         lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array) else x, tree

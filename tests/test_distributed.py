@@ -461,14 +461,6 @@ def test_shard_batch_refuses_a_batch_or_axis_that_does_not_fit_the_mesh(case):
     assert _record(batch)[1] == before[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shard_batch and replicate use `mesh` unchecked: None or the list of "
-    "devices where a Mesh goes gives Python's bare \"'NoneType' object has no "
-    "attribute 'shape'\" (a list: \"... 'shape'\", \"... 'size'\") or, in "
-    'replicate, NamedSharding\'s "__init__(): incompatible function arguments"; '
-    "none names `mesh`",
-)
 @pytest.mark.parametrize("tool", ["shard_batch", "replicate"])
 @pytest.mark.parametrize(
     "not_a_mesh", [None, "devices"], ids=["none", "a-list-of-devices"]
@@ -483,11 +475,6 @@ def test_a_mesh_that_is_not_a_mesh_is_named(tool, not_a_mesh):
     assert_same(batch, before[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`axis` is used unchecked: None or 0 gives Python's bare \"'NoneType' "
-    'object is not iterable" ("\'int\' ..."), not naming `axis`',
-)
 @pytest.mark.parametrize("axis", [None, 0], ids=["none", "an-int"])
 def test_shard_batch_names_an_axis_that_is_not_a_name(axis):
     batch = jnp.ones((8, 3))
@@ -497,12 +484,6 @@ def test_shard_batch_names_an_axis_that_is_not_a_name(axis):
     assert_same(batch, before[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="arrays of different leading sizes (8 and 16 rows), each a multiple of "
-    "the devices, are placed without a word, though `batch` must hold one row per "
-    "example in every array (sam_step's micro-batches refuse them)",
-)
 @pytest.mark.parametrize("process_local", [False, True])
 def test_shard_batch_refuses_arrays_of_different_leading_sizes(process_local):
     batch = (jnp.ones((8, 3)), jnp.ones((16,)))
@@ -512,12 +493,6 @@ def test_shard_batch_refuses_arrays_of_different_leading_sizes(process_local):
     assert_same(batch, before[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='`process_local` is read by its truth: "no" (or None) is taken, and '
-    '"no" means True; the rest of the package refuses such flags by name '
-    "(compute_channels_last)",
-)
 def test_shard_batch_names_a_process_local_that_is_not_a_bool():
     batch = jnp.ones((8, 3))
     before = _record(batch)
@@ -529,12 +504,6 @@ def test_shard_batch_names_a_process_local_that_is_not_a_bool():
     assert_same(batch, before[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty batch with process_local=True is placed on one process "
-    "(0 rows divide over any device count), but refused on several ('process p "
-    "passes 0 rows'): the one-process form is not the global one for it",
-)
 def test_an_empty_process_local_batch_is_refused_on_one_process_too():
     batch = jnp.ones((0, 3))
     before = _record(batch)
@@ -543,15 +512,12 @@ def test_an_empty_process_local_batch_is_refused_on_one_process_too():
     assert_same(batch, before[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inside jax.jit shard_batch's device_put does not constrain the traced "
-    "batch: the result comes back replicated (spec P()), not split over 'data', "
-    "with no error",
-)
-def test_shard_batch_of_a_traced_batch_names_jit():
+def test_shard_batch_of_a_traced_batch_splits_it_over_the_mesh():
+    """Regression: inside `jax.jit`, `device_put` left the traced batch replicated
+    (spec `P()`), with no error; now the batch comes back split over 'data'."""
     x = jax.random.normal(jax.random.key(0), (16, 3))
     before = _record(x)
-    with pytest.raises(TypeError, match=r"`shard_batch`.*outside `jax\.jit`"):
-        jax.jit(lambda x: eqx_norm.shard_batch(x, mesh()))(x)
+    y = jax.jit(lambda x: eqx_norm.shard_batch(x, mesh()))(x)
+    assert y.sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(y, x)
     assert_same(x, before[0])
