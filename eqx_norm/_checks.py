@@ -130,8 +130,16 @@ def non_negative_at_run_time(name: str, value: Any, who: str) -> Any:
     `jit`) is checked when it runs (`eqx.error_if`), so that a NaN, infinite or
     negative value stops the update instead of making every parameter NaN or
     ascending."""
-    if isinstance(value, (int, float, np.number)):
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
         return value
+    kind = getattr(value, "dtype", None)
+    if kind is None or not jnp.issubdtype(kind, jnp.number) or jnp.ndim(value):
+        raise TypeError(
+            f"`eqx_norm.{who}`: `{name}` must be a real scalar at every update, but "
+            f"its schedule (or `optax.inject_hyperparams`) gave {value!r}; a "
+            f"schedule returns one number, e.g. `{name}=optax.cosine_decay_schedule("
+            "0.05, steps)`."
+        )
     value = jnp.asarray(value)
     return eqx.error_if(
         value,
@@ -142,6 +150,20 @@ def non_negative_at_run_time(name: str, value: Any, who: str) -> Any:
         f"`optax.inject_hyperparams`). It must be finite and at least 0 at every "
         f"step: check the schedule, e.g. `{name}=optax.cosine_decay_schedule(0.05, "
         "steps)`.",
+    )
+
+
+def flag(name: str, value: Any) -> Any:
+    """`value` as a flag a transformation reads when it runs: a Python or NumPy
+    bool, or a boolean scalar array (one `optax.inject_hyperparams` injects, traced
+    or not). A `TypeError` naming the argument otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    kind = getattr(value, "dtype", None)
+    if kind is not None and jnp.dtype(kind) == jnp.bool_ and jnp.ndim(value) == 0:
+        return value
+    raise TypeError(
+        f"`{name}` must be True or False, got {value!r}; e.g. `{name}=True`."
     )
 
 

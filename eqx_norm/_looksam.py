@@ -10,6 +10,7 @@ from jaxtyping import Array, Int, PyTree
 
 from ._checks import (
     INT32_MAX,
+    flag,
     non_negative,
     non_negative_at_run_time,
     optax_transformation,
@@ -119,6 +120,7 @@ def looksam(
     non_negative("rho", rho, "0.05")
     non_negative("eta", eta, "0.01", schedule=False)
     non_negative("alpha", alpha, "0.1")
+    adaptive = flag("adaptive", adaptive)
     every = _check_every(every)
     base = optax.with_extra_args_support(base_optimizer)
 

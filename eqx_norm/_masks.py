@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -85,6 +85,17 @@ def normalisation_mask(params: optax.Params) -> PyTree[bool]:
     bias: a SAM-ON that perturbs nothing would cost a second pass per step for the
     base optimizer's result, so it is refused rather than run.
     """
+    if eqx.is_array_like(params) and jax.numpy.ndim(cast(Any, params)) == 0:
+        # A scalar where parameters go: `optax.inject_hyperparams` calls every
+        # callable argument with the step count, as a schedule.
+        raise ValueError(
+            "`eqx_norm.normalisation_mask` was called with the scalar "
+            f"{params!r}, not parameters: `optax.inject_hyperparams` calls "
+            "every function it is given with the step count, as a schedule. "
+            "Name the mask static: `optax.inject_hyperparams(eqx_norm.sam, "
+            'static_args="mask")(base_optimizer, rho=..., '
+            "mask=eqx_norm.normalisation_mask)`."
+        )
     found = []
 
     def mark(x: Any) -> Any:

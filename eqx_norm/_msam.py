@@ -81,6 +81,14 @@ def _per_parameter(params: optax.Params, base_state: optax.OptState) -> list[lis
                 out[i].append((k, leaf))
     if not found or any(len(held) > 1 for held in out):
         raise _no_momentum(max(len(found), 1) if found else 0)
+    if not any(out):
+        raise ValueError(
+            "`eqx_norm.msam` found a momentum in the state of `base_optimizer` for "
+            "no parameter (every parameter is left out, by `optax.masked` or "
+            "`optax.multi_transform`, or there are no parameters), so it would "
+            "perturb nothing. Give it the parameters to train, with the optimizer "
+            "keeping a momentum for at least one."
+        )
     return out
 
 

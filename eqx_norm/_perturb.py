@@ -14,6 +14,7 @@ import abc
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,12 @@ def _is_next(x: Any) -> bool:
     return isinstance(x, NextPerturbation)
 
 
+def declares_point(opt_state: optax.OptState) -> bool:
+    """Whether an optimizer state declares the point of the next step's pass (holds
+    an [`eqx_norm.NextPerturbation`][])."""
+    return any(map(_is_next, jax.tree.leaves(opt_state, is_leaf=_is_next)))
+
+
 def pass_point(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
     """Where the next step's gradient is taken: `params` plus every
     [`eqx_norm.NextPerturbation`][] in `opt_state` (just `params` where there is
@@ -92,8 +99,26 @@ def pass_point(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
         if _is_next(x)
     ]
     for perturbation in found:
+        ours = jax.tree.structure(params)
+        theirs = jax.tree.structure(perturbation, is_leaf=_is_masked)
+        if ours != theirs:
+            raise ValueError(
+                "`pass_point`: the `eqx_norm.NextPerturbation` in the optimizer "
+                "state does not have the structure of the parameters, `params`: "
+                "they are "
+                f"{ours}, the perturbation is {theirs}. Pass the parameters the "
+                "optimizer state was made for, `eqx.filter(model, "
+                "eqx.is_inexact_array)`; an optimizer that declares a perturbation "
+                "must give it the structure of the parameters."
+            )
         params = perturb(params, perturbation, _DECLARED)
     return params
+
+
+def _is_masked(x: Any) -> bool:
+    """An `optax.MaskedNode`: where `optax.masked` leaves a parameter out (it is
+    then not perturbed)."""
+    return isinstance(x, optax.MaskedNode)
 
 
 _RULE = "the perturbation rule's `e = rule(grads, params)`"
@@ -108,7 +133,18 @@ def perturb(
     the parameters or a leaf that would broadcast a parameter to another shape (a
     gradient of that shape would then reshape the model)."""
 
-    def add(w: Any, e: Any) -> Any:
+    def add(e: Any, w: Any) -> Any:
+        if _is_masked(e):  # left out by `optax.masked`: not perturbed
+            return w
+        kind = getattr(e, "dtype", None) if hasattr(e, "dtype") else None
+        if isinstance(e, (str, bytes)) or (
+            kind is not None and not jnp.issubdtype(kind, jnp.number)
+        ):
+            raise TypeError(
+                f"{source} has a leaf {e!r} that is not an array of numbers; it "
+                "must hold one array of numbers for each parameter, e.g. "
+                "`jax.tree.map(lambda g: rho * g, grads)`."
+            )
         try:
             shape = np.broadcast_shapes(np.shape(w), np.shape(e))
         except ValueError:
@@ -122,17 +158,15 @@ def perturb(
             )
         return w + jnp.asarray(e).astype(w.dtype)
 
-    try:
-        return jax.tree.map(add, params, perturbation)
-    except ValueError as error:
-        if str(error).startswith(source):
-            raise
+    ours = jax.tree.structure(params, is_leaf=_is_masked)
+    theirs = jax.tree.structure(perturbation, is_leaf=_is_masked)
+    if ours != theirs:
         raise ValueError(
             f"{source} does not have the structure of the parameters: the "
-            f"parameters are {jax.tree.structure(params)}, it is "
-            f"{jax.tree.structure(perturbation)}. Return one array for each "
+            f"parameters are {ours}, it is {theirs}. Return one array for each "
             "parameter, e.g. `jax.tree.map(lambda g: rho * g, grads)`."
-        ) from error
+        )
+    return jax.tree.map(add, perturbation, params, is_leaf=_is_masked)
 
 
 def perturbed_gradient(
@@ -189,6 +223,12 @@ def perturbed_gradient(
     them), saying how to pass them.
     """
     checked_fn, checked_params = check_update_args(None, grad_fn, params)
+    if not callable(rule):
+        raise TypeError(
+            "`perturbed_gradient`: `rule` must be a function `rule(grads, params) "
+            f"-> e`, the perturbation, got {rule!r}; e.g. `lambda g, p: "
+            "jax.tree.map(lambda x: rho * x, g)`."
+        )
     if isinstance(checked_fn, StepGradient):
         return checked_fn.perturbed(rule, grads, checked_params)
     return checked_fn(perturb(checked_params, rule(grads, checked_params)))
@@ -209,6 +249,13 @@ def check_update_args(name: str | None, grad_fn: Any, params: Any) -> tuple[Any,
             "`opt.update(grads, opt_state, params, grad_fn=grad_fn)`, or let "
             "`eqx_norm.sam_step(loss_fn, opt)` build the whole step."
         )
+    if not callable(grad_fn):
+        raise TypeError(
+            f"{who}: `grad_fn` must be a function from perturbed parameters to the "
+            f"gradient there, got a {type(grad_fn).__name__}; e.g. `grad_fn="
+            "jax.grad(loss)`, or let `eqx_norm.sam_step(loss_fn, opt)` build the "
+            "whole step."
+        )
     if params is None:
         raise ValueError(
             f"{who} needs `params`, the current parameters: "
@@ -224,6 +271,7 @@ def sam_rule(rho: Any, adaptive: Any, eta: Any, mask: Any) -> Perturbation:
     def rule(grads: optax.Updates, params: optax.Params) -> optax.Updates:
         chosen = mask(params) if _is_mask_function(mask) else mask
         if chosen is not None:
+            _check_mask(chosen, params)
             grads = jax.tree.map(
                 lambda m, sub: jax.tree.map(
                     lambda g: jnp.where(m, g, jnp.zeros_like(g)), sub
@@ -254,10 +302,35 @@ def _is_bool(x: Any) -> bool:
     )
 
 
+def _check_mask(mask: Any, params: Any) -> None:
+    """A `TypeError` or `ValueError` naming `mask` unless it is a tree of bools with
+    the structure of the parameters, or a prefix of it."""
+    bad = [x for x in jax.tree.leaves(mask) if not _is_bool(x)]
+    if bad:
+        raise TypeError(
+            "`mask` must be a pytree of bools (True where a parameter is "
+            f"perturbed), or a function of the parameters returning one; it holds "
+            f"{bad[0]!r}. For example `mask=eqx_norm.normalisation_mask`, or "
+            "`jax.tree.map(lambda _: True, params)` edited with `eqx.tree_at`."
+        )
+    try:
+        jax.tree.map(lambda m, sub: None, mask, params, is_leaf=_is_masked)
+    except ValueError:
+        raise ValueError(
+            "`mask` does not have the structure of the parameters (or a prefix of "
+            f"it): the parameters are {jax.tree.structure(params)}, the mask is "
+            f"{jax.tree.structure(mask)}. Make it from the parameters the "
+            "optimizer updates, e.g. `eqx_norm.normalisation_mask(eqx.filter("
+            "model, eqx.is_inexact_array))`, or pass a function of them."
+        ) from None
+
+
 def _is_mask_function(mask: Any) -> bool:
     """Whether `mask` is a function of the parameters rather than a tree of bools.
     An Equinox module is callable, so a mask made from a filtered model (an
     `eqx.nn.Sequential` of bools, say) would otherwise be called on the
     parameters: a tree whose leaves are all bools is a tree."""
+    if isinstance(mask, eqx.Module):  # a tree, however callable
+        return False
     leaves = jax.tree.leaves(mask)
     return callable(mask) and not (leaves and all(map(_is_bool, leaves)))

@@ -6,7 +6,12 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import non_negative, non_negative_at_run_time, optax_transformation
+from ._checks import (
+    flag,
+    non_negative,
+    non_negative_at_run_time,
+    optax_transformation,
+)
 from ._perturb import check_update_args, perturbed_gradient, sam_rule
 
 
@@ -118,6 +123,7 @@ def sam(
     optax_transformation(base_optimizer, "eqx_norm.sam(optax.sgd(0.1), rho=0.05)")
     non_negative("rho", rho, "0.05")
     non_negative("eta", eta, "0.01", schedule=False)
+    adaptive = flag("adaptive", adaptive)
     base = optax.with_extra_args_support(base_optimizer)
 
     def init_fn(params: optax.Params) -> SAMState:

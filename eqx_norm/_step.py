@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from ._checks import positive_int
-from ._perturb import StepGradient, pass_point, perturb
+from ._perturb import StepGradient, declares_point, pass_point, perturb
 from ._state import copy_state
 
 _PERTURBATIONS = ("whole-batch", "per-micro-batch")
@@ -213,6 +213,20 @@ def sam_step(
             return out
 
         at = pass_point(opt_state, params)  # `params`, but for one-pass optimizers
+        if source != "mean" and declares_point(opt_state):
+            flag, part = (
+                ('perturbation="per-micro-batch"', "micro-batch")
+                if source == "micro-batch"
+                else ("per_device_perturbation=True", "device")
+            )
+            raise ValueError(
+                f"`sam_step(...)` with `{flag}` perturbs each {part} by its own "
+                "gradient, "
+                "but this optimizer declares its one perturbation before the step "
+                "(an `eqx_norm.NextPerturbation` in its state, as `eqx_norm.msam` "
+                "does), so no part has a perturbation of its own. Leave the option "
+                "out: the step's one pass is taken at the declared point."
+            )
         if micro_batches == 1:
             first = _whole_batch(loss_and_rest, at, state, batch)
         else:
@@ -224,7 +238,7 @@ def sam_step(
             opt_state,
             params,
             grad_fn=_Gradients(
-                first, loss_and_rest, source, mean, _accumulating(opt_state)
+                first, loss_and_rest, source, mean, _accumulating(opt_state), params
             ),
         )
         model = eqx.apply_updates(model, updates)
@@ -257,13 +271,35 @@ class _Gradients(StepGradient):
     device's own) or `"micro-batch"` (each micro-batch's own)."""
 
     def __init__(
-        self, first: _FirstPass, loss_and_rest, source: str, mean, accumulating
+        self,
+        first: _FirstPass,
+        loss_and_rest,
+        source: str,
+        mean,
+        accumulating,
+        params,
     ):
         self.first = first
         self.loss_and_rest = loss_and_rest
         self.source = source
         self.mean = mean
         self.accumulating = accumulating
+        self.params = params  # the step's parameters, whole
+
+    def _whole(self, params):
+        """`params` with what `optax.masked` leaves out (`optax.MaskedNode`) filled
+        from the step's own parameters; a `ValueError` naming `grad_fn` for a tree
+        that is not the parameters."""
+        if not _same_shape(params, self.params):
+            raise ValueError(
+                "This optimizer called the step's `grad_fn` with a tree that does "
+                "not have the structure of the parameters: the parameters are "
+                f"{jax.tree.structure(self.params)}, it got "
+                f"{jax.tree.structure(params)}. Call `grad_fn` with parameters "
+                "(`params + e`, e.g. from `eqx_norm.perturbed_gradient`), not the "
+                "model or another tree."
+            )
+        return _filled(params, self.params, params)
 
     def _refuse_accumulation(self, grads):
         """`grads`, stopped at run time where an `optax.MultiSteps` accumulates
@@ -287,16 +323,61 @@ class _Gradients(StepGradient):
                 "`eqx_norm.perturbed_gradient(grad_fn, rule, grads, params)`, as "
                 "`eqx_norm.sam` does."
             )
-        return self._refuse_accumulation(self.mean(self.first.gradient_at(params)))
+        out = self.first.gradient_at(self._whole(params))
+        return self._refuse_accumulation(self.mean(_like(out, params)))
 
     def perturbed(self, rule, grads, params):
         first = self.first
+        masked = params
+        if any(map(_is_masked, jax.tree.leaves(params, is_leaf=_is_masked))):
+            # Inside `optax.masked`: the rule sees what the mask leaves in, and the
+            # point is the step's parameters with only those moved.
+            inner = rule
+            zeros = jax.tree.map(jnp.zeros_like, self.params)
+
+            def whole_rule(grads, params):
+                e = inner(_like(grads, masked), _like(params, masked))
+                return _filled(e, zeros, masked)
+
+            rule = whole_rule
+            grads, params = _filled(grads, zeros, masked), self.params
         if self.source == "micro-batch" and first.parts is not None:
             out = _per_micro_batch(self.loss_and_rest, rule, params, first.parts)
         else:
             own = grads if self.source == "mean" else first.grads
             out = first.gradient_at(perturb(params, rule(own, params)))
-        return self._refuse_accumulation(self.mean(out))
+        return self._refuse_accumulation(self.mean(_like(out, masked)))
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _same_shape(tree: Any, like: Any) -> bool:
+    """Whether `tree` has the structure of `like`, with `optax.MaskedNode` where a
+    leaf may be left out."""
+    leaves = jax.tree.map(lambda _: 0, tree, is_leaf=_is_masked)
+    return jax.tree.structure(leaves) == jax.tree.structure(like)
+
+
+def _like(tree: Any, masked: Any) -> Any:
+    """`tree` (of the parameters' structure) with `optax.MaskedNode` where `masked`
+    has one."""
+    return jax.tree.map(
+        lambda m, x: m if _is_masked(m) else x, masked, tree, is_leaf=_is_masked
+    )
+
+
+def _filled(tree: Any, whole: Any, masked: Any) -> Any:
+    """`tree` (of `masked`'s structure) with the leaves of `whole` where `masked`
+    has an `optax.MaskedNode`: a tree of the parameters' structure."""
+    return jax.tree.map(
+        lambda m, w, x: w if _is_masked(m) else x,
+        masked,
+        whole,
+        tree,
+        is_leaf=_is_masked,
+    )
 
 
 _MULTI_STEPS = (
@@ -485,9 +566,21 @@ def _in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> _First
         return (new_state, optax.tree.add(total, grads)), (loss, aux, seen, grads)
 
     zero = optax.tree.zeros_like(params)
-    (state, total), (losses, auxes, seen, each) = jax.lax.scan(
-        first, (copy_state(state), zero), micro
-    )
+    try:
+        (state, total), (losses, auxes, seen, each) = jax.lax.scan(
+            first, (copy_state(state), zero), micro
+        )
+    except ValueError as error:
+        rows = {np.shape(a)[1] for a in jax.tree.leaves(micro)}
+        if rows != {1}:
+            raise
+        # One example per micro-batch: say which setting made the batch that small.
+        raise ValueError(
+            f"`sam_step(micro_batches={m})` splits each batch into micro-batches "
+            f"of one example, and the model refused one example: {error} Use "
+            "fewer micro-batches (a batch of at least two examples each), or a "
+            "larger batch."
+        ) from error
 
     def gradient_at(perturbed):
         def second(total, mb_and_state):

@@ -332,15 +332,6 @@ def _other_models_mask(params):
     return eqx_norm.normalisation_mask(eqx.filter(net, eqx.is_inexact_array))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a mask that does not fit the parameters fails where SAM's rule maps it "
-    "over the gradient: another model's mask or a callable returning another "
-    "structure gives JAX's bare 'pytree structure error: different types at key "
-    "path', a tree of strings (multi_transform's labels) is called as a function "
-    "(`MLP.__call__() missing 1 required positional argument: 'state'`), a string "
-    "fails in jnp.where; none names `mask`",
-)
 @pytest.mark.parametrize(
     "mask, error, message",
     [
@@ -374,12 +365,6 @@ def test_a_mask_that_does_not_fit_the_parameters_names_mask(
     assert_same((model, state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optax.inject_hyperparams takes the callable mask for a schedule and "
-    "calls it with the step count; normalisation_mask(count) then says the model "
-    "has no normalisation layer, not that the mask must be named static",
-)
 def test_sam_on_under_inject_hyperparams_without_a_static_mask_says_so(getkey):
     model, _ = eqx.nn.make_with_state(MLP)(key=getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -392,14 +377,6 @@ def test_sam_on_under_inject_hyperparams_without_a_static_mask_says_so(getkey):
     assert_same(params, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inside optax.masked with a mask that leaves parameters out, the "
-    "parameters SAM perturbs hold optax.MaskedNode leaves and the step's second "
-    "pass fails in eqx.combine with JAX's bare 'pytree structure error: different "
-    "types at key path ... MaskedNode ... NoneType' (SAM and LookSAM alike; the "
-    "existing wrapper test masks nothing out)",
-)
 @pytest.mark.parametrize(
     "make",
     [

@@ -575,12 +575,6 @@ def test_sam_step_with_msam_refuses_a_bad_step(case, getkey):
     assert_same((model, state, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a base optimizer that keeps no momentum for any parameter (every one "
-    "left out by optax.masked, or no parameters at all) is refused with the "
-    "message for a warm-up from a learning rate of 0, which is not the fault",
-)
 @pytest.mark.parametrize(
     "base, params",
     [
@@ -602,13 +596,6 @@ def test_msam_names_a_base_that_keeps_no_momentum_for_any_parameter(base, params
     assert_same(params, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rho schedule returning a vector fails in JAX's broadcasting "
-    "(`Incompatible shapes for broadcasting: shapes=[(2,), (4, 3)]`) and one "
-    "returning a string in JAX's conversion (`Value '0.3' with dtype <U3 is not a "
-    "valid JAX array type`); neither names `rho` (eqx_norm.sam alike)",
-)
 @pytest.mark.parametrize(
     "schedule",
     [lambda count: jnp.full(2, 0.3), lambda count: "0.3"],
@@ -624,13 +611,6 @@ def test_a_rho_schedule_that_returns_no_scalar_names_rho(schedule, getkey):
     assert_same((params, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='sam_step(..., perturbation="per-micro-batch") with Momentum-SAM runs '
-    "silently as the whole-batch step: Momentum-SAM's one perturbation is "
-    "declared before the step (a NextPerturbation), so no micro-batch is perturbed "
-    "by its own gradient, as the option asks",
-)
 def test_per_micro_batch_perturbation_with_msam_is_refused(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
@@ -644,12 +624,6 @@ def test_per_micro_batch_perturbation_with_msam_is_refused(getkey):
     assert_same((model, state, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="micro-batches of one example reach BatchNorm as a batch of one: its "
-    "OneValuePerChannelError says 'batch size 1 ... or a larger batch' and never "
-    "names `micro_batches`, the setting that made the batch that small",
-)
 def test_micro_batches_of_one_example_name_micro_batches(getkey):
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = eqx_norm.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
@@ -661,12 +635,6 @@ def test_micro_batches_of_one_example_name_micro_batches(getkey):
     assert_same((model, state, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optax.masked(eqx_norm.msam(...), mask) leaves MaskedNode leaves in the "
-    "declared NextPerturbation, and pass_point refuses them as 'a leaf of shape "
-    "(0,) for a parameter of shape (2, 2, 2)', blaming the perturbation's shape",
-)
 def test_msam_inside_optax_masked_equals_msam_around_it(getkey):
     """Momentum-SAM inside `optax.masked` perturbs what it trains, as Momentum-SAM
     around a masked base optimizer does (the documented way): the same steps."""

@@ -324,13 +324,6 @@ def test_sam_accepts_numpy_jax_scalars_and_schedules():
         eqx_norm.sam(optax.sgd(0.1), rho=rho)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='`adaptive` is not checked when the optimizer is made: "yes" or None '
-    'is taken, and the first update fails inside jnp.where ("Error interpreting '
-    'argument to <function _where> as an abstract array", "where requires '
-    "ndarray or scalar arguments, got <class 'NoneType'>\") without naming it",
-)
 @pytest.mark.parametrize("adaptive", ["yes", None], ids=["a-string", "none"])
 def test_sam_names_an_adaptive_that_is_not_a_bool(adaptive, getkey):
     """ASAM-ON (`adaptive=` with `mask=eqx_norm.normalisation_mask`), as a user
@@ -1054,13 +1047,6 @@ def test_the_docs_variant_inside_an_accumulating_multi_steps_is_refused(getkey):
     assert_same((model, state, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="perturbed_gradient calls `rule` and `grad_fn` unchecked: `rule=None` "
-    "or a radius in its place gives Python's bare \"'NoneType' object is not "
-    "callable\" (\"'float' ...\"), the gradient passed as `grad_fn` \"'dict' object "
-    'is not callable"; none names the argument',
-)
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -1082,14 +1068,6 @@ def test_perturbed_gradient_names_a_rule_or_grad_fn_that_is_no_function(
     assert_same((params, grads), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a perturbation of strings, from a rule or declared in a "
-    "NextPerturbation, gets JAX's bare \"Value 'x' with dtype <U1 is not a valid "
-    "JAX array type\" (and the string 'b', which JAX reads as a dtype code, 'does "
-    "not have the structure of the parameters' with two identical pictures of the "
-    "structure); neither says which perturbation has a leaf that is not numbers",
-)
 @pytest.mark.parametrize("source", ["rule", "declared"])
 def test_a_perturbation_of_strings_is_named(source, getkey):
     params = _params(getkey())
@@ -1108,14 +1086,6 @@ def test_a_perturbation_of_strings_is_named(source, getkey):
     assert_same(params, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pass_point given `params=None`, or the parameters of another model, "
-    "blames the NextPerturbation ('does not have the structure of the "
-    "parameters ... Return one array for each parameter, e.g. "
-    "`jax.tree.map(lambda g: rho * g, grads)`'), a fix for a rule's author, and "
-    "never names `params`",
-)
 @pytest.mark.parametrize(
     "params", [None, {"a": jnp.ones((4, 3))}], ids=["none", "another-models"]
 )
@@ -1128,13 +1098,6 @@ def test_pass_point_names_params_that_do_not_fit_the_optimizer_state(params, get
     assert_same((params, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the step's grad_fn (a StepGradient) called by a user's variant with a "
-    "tree other than the parameters fails deep: JAX's 'pytree structure error' "
-    "in eqx.combine for a dict, 'grad requires real- or complex-valued inputs ... "
-    "got bool' for the whole model; neither names grad_fn or the parameters",
-)
 @pytest.mark.parametrize(
     "point",
     [lambda model, params: {"w": jnp.ones(3)}, lambda model, params: model],
@@ -1158,14 +1121,6 @@ def test_the_step_gradient_names_a_point_that_is_not_the_parameters(point, getke
     assert_same((model, state, opt_state), before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SAM inside optax.masked with a mask that leaves parameters out: the "
-    "parameters given to the StepGradient hold optax.MaskedNode leaves, and the "
-    "second pass fails in eqx.combine with JAX's bare 'pytree structure error: "
-    "different types at key path ... MaskedNode ... NoneType'; the existing "
-    "wrapper test masks nothing out",
-)
 def test_sam_inside_optax_masked_that_leaves_parameters_out(getkey):
     """It updates what the mask leaves in as SAM with that `mask` does (the
     perturbation and its norm over those parameters only)."""
