@@ -487,16 +487,19 @@ class Tracking(Approach):
     w_{k,t} = \frac{1 - m_k}{1 - m_k^t},$$
 
     and scores each by how well it predicted this batch before seeing it, with
-    $u = v_t \tfrac{n}{n-1} + \varepsilon$ per channel:
+    $u = \sigma^2_{t-1} + \varepsilon$ per channel, where $\sigma^2_{t-1}$ is the
+    variance inference used before this step:
 
     $$e_{k,t} = \frac{1}{C} \sum_{\text{channels}} \left(
-    \frac{(\mu_t - c^\mu_{k,t-1})^2}{u} + \frac{(u - \varepsilon - c^v_{k,t-1})^2}{2u^2}
-    \right)$$
+    \frac{(\mu_t - c^\mu_{k,t-1})^2}{u} +
+    \frac{(v_t \tfrac{n}{n-1} - c^v_{k,t-1})^2}{2u^2} \right)$$
 
     (twice the Kullback-Leibler divergence, to second order, between the normal
     distribution the candidate would normalise with and this batch's, so that
-    every channel counts without units), averaged over the channels of the layer
-    so that the choice does not follow one channel's noise. A candidate's score
+    every channel counts without units; the scale is the steady inference variance,
+    not this batch's, which is as noisy as the errors it would scale), averaged
+    over the channels of the layer so that the choice does not follow one
+    channel's noise. A candidate's score
     $S_{k,t}$ is the zero-debiased moving average of $e_{k,t}$ with momentum
     `window` (from the second step on), and inference uses the candidate with the
     lowest score, $c_{k^*,t}$ with $k^* = \arg\min_k S_{k,t}$. While the weights
@@ -576,8 +579,10 @@ class Tracking(Approach):
         dtype = running.mean.dtype
         t = running.counter + 1
         mean, var = batch.mean, _unbiased(batch)
-        # How well each candidate predicted this batch (before seeing it).
-        u = var + jnp.asarray(eps, dtype)
+        # How well each candidate predicted this batch (before seeing it), in units
+        # of the variance inference used until now: steady, where this batch's own
+        # variance is as noisy as the errors it would scale.
+        u = running.var + jnp.asarray(eps, dtype)
         u = jnp.where(u > 0, u, 1)
         errors = jnp.mean(
             (mean - old.means) ** 2 / u + (var - old.vars) ** 2 / (2 * u * u), axis=1

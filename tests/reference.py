@@ -220,7 +220,7 @@ class TrackingRef(BatchRef):
         s_var = v * n / (n - 1)
         if self.t >= 1:
             mean_k, var_k = self.candidates()
-            u = s_var + self.eps
+            u = self.chosen[1] + self.eps  # the inference variance until now
             e = np.mean((mu - mean_k) ** 2 / u + (s_var - var_k) ** 2 / (2 * u**2), 1)
             self.g = self.WINDOW * self.g + (1 - self.WINDOW) * e
         self.t += 1
