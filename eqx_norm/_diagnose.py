@@ -25,6 +25,11 @@ class LayerDiagnosis:
     - `nonfinite_channels`: channels whose running mean or variance is not finite.
     - `gap`: per channel, the root-mean-square difference over the batch between the
         layer's training-mode and inference-mode outputs on its actual input.
+    - `mismatch`: how far the statistics inference normalises with are from those
+        training normalises this batch with, against how far this batch's own
+        sampling noise would put them: about 1 or below where the running
+        statistics agree with the weights (see [`eqx_norm.diagnose`][]); NaN where
+        the batch was not finite.
     """
 
     path: str
@@ -36,6 +41,7 @@ class LayerDiagnosis:
     dead_channels: np.ndarray
     nonfinite_channels: np.ndarray
     gap: np.ndarray
+    mismatch: float
 
     @property
     def max_gap(self) -> float:
@@ -55,6 +61,38 @@ class Diagnosis:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    @property
+    def lagging(self) -> tuple[LayerDiagnosis, ...]:
+        """The layers whose inference statistics are further from this batch's than
+        its sampling noise explains (`mismatch` above `MISMATCH`)."""
+        return tuple(d for d in self.layers if d.mismatch > MISMATCH)
+
+    @property
+    def verdict(self) -> str | None:
+        """In words, where inference disagrees with training by more than the
+        batch's noise explains, and the fixes; `None` where it does not."""
+        lagging = self.lagging
+        if not lagging:
+            return None
+        worst = max(lagging, key=lambda d: d.mismatch)
+        paths = ", ".join(d.path for d in lagging[:5])
+        more = f" and {len(lagging) - 5} more" if len(lagging) > 5 else ""
+        return (
+            f"Inference disagrees with training at {len(lagging)} of "
+            f"{len(self.layers)} BatchNorm layers ({paths}{more}): their inference "
+            f"statistics are up to {worst.mismatch:.0f} times further from this "
+            "batch's than its own sampling noise explains (at "
+            f"{worst.path}). That is what running statistics that lag the weights "
+            "look like (a constant or high learning rate, evaluation during "
+            "training, a short fine-tuning run), or statistics from other data. "
+            "Fixes: recompute them from the weights with `state = "
+            "eqx_norm.recalibrate(model, state, batches)` (exact; a pass over some "
+            "training batches, before evaluating or serving), or train with "
+            '`approach="tracking"`, whose running statistics keep up with the '
+            'weights (`eqx_norm.set_approach(model, "tracking")`, then `state = '
+            "eqx_norm.match_state(model, state)`)."
+        )
 
     def __str__(self) -> str:
         head = (
@@ -86,7 +124,17 @@ class Diagnosis:
                     f"non-finite {d.nonfinite_channels.tolist()[:10]}; "
                     "`eqx_norm.recalibrate` recomputes the statistics from data."
                 )
+        if self.verdict is not None:
+            lines.append("")
+            lines.append(self.verdict)
         return "\n".join(lines)
+
+
+MISMATCH = 8.0
+"""The `mismatch` above which [`eqx_norm.diagnose`][] gives its verdict: eight times
+what sampling noise gives on average (about 1 or below, but up to about 3 over a
+few correlated channels), where running statistics that lag moving weights give
+tens to hundreds."""
 
 
 def _range(x: np.ndarray) -> str:
@@ -108,6 +156,22 @@ def diagnose(
     inference apply affine maps $a_t x + c_t$ and $a_i x + c_i$ to each channel, so
     the root-mean-square difference over the batch is
     $\\sqrt{(a_t - a_i)^2 v + ((a_t - a_i)\\mu + c_t - c_i)^2}$.
+
+    Whether that gap is more than noise: training normalises a channel with
+    $(\\mu_t, v_t)$ (for `"batch"`, this batch's statistics) and inference with
+    $(\\mu_i, v_i)$; their discrepancy, twice the Kullback-Leibler divergence of the
+    two normal distributions to second order, averaged over the channels,
+
+    $$D = \\frac{1}{C} \\sum_\\text{channels} \\left(
+    \\frac{(\\mu_t - \\mu_i)^2}{v_t + \\varepsilon} +
+    \\frac{(v_t - v_i)^2}{2 (v_t + \\varepsilon)^2} \\right),$$
+
+    is at most about $2 / B$ for a batch of $B$ independent examples when the
+    running statistics are the population's (each example's values vary around
+    the population statistics no more than independent values would). The layer's
+    `mismatch` is $D B / 2$; above 8 the layer counts as lagging, and the
+    [`eqx_norm.Diagnosis`][] says so in words (`verdict`), naming
+    [`eqx_norm.recalibrate`][] and `approach="tracking"` as the fixes.
 
     ```python
     print(eqx_norm.diagnose(model, state, x))
@@ -132,9 +196,9 @@ def diagnose(
     layers = batch_norms(model)
     if not layers:
         raise no_batch_norm("diagnose")
-    recorded = record_batch_statistics(
-        model, state, first_input(batch), "diagnose", None
-    )
+    x = first_input(batch)
+    examples = int(np.shape(x)[0])
+    recorded = record_batch_statistics(model, state, x, "diagnose", None)
     out = []
     for (path, bn), stats in zip(layers, recorded):
         running = state.get(bn.state_index)
@@ -142,6 +206,7 @@ def diagnose(
         if stats is None:
             nan = np.full(bn.input_size, np.nan)
             batch_mean = batch_var = gap = nan
+            mismatch = float("nan")
         else:
             batch_mean = np.asarray(stats.mean, np.float64)
             batch_var = np.asarray(stats.var, np.float64)
@@ -155,6 +220,7 @@ def diagnose(
             c_t, c_i = -t_mean * a_t, -run_mean * a_i
             da = a_t - a_i
             gap = np.sqrt(da**2 * batch_var + (da * batch_mean + c_t - c_i) ** 2)
+            mismatch = _mismatch(t_mean, t_var, run_mean, run_var, bn.eps, examples)
         finite = np.isfinite(run_mean) & np.isfinite(run_var)
         out.append(
             LayerDiagnosis(
@@ -167,6 +233,23 @@ def diagnose(
                 dead_channels=np.flatnonzero(finite & (run_var < dead_var)),
                 nonfinite_channels=np.flatnonzero(~finite),
                 gap=gap,
+                mismatch=mismatch,
             )
         )
     return Diagnosis(tuple(out))
+
+
+def _mismatch(t_mean, t_var, run_mean, run_var, eps: float, examples: int) -> float:
+    """Twice the Kullback-Leibler divergence (to second order) between the normal
+    distributions that training and inference normalise a channel with, averaged
+    over the channels, over its value under sampling noise alone from `examples`
+    independent examples (at most 2 / examples: 1 / examples each for the mean,
+    whose sampling variance is at most the variance over the number of examples,
+    and for the variance, whose is at most twice its square over it for normal
+    values)."""
+    scale = t_var + eps
+    scale = np.where(scale > 0, scale, 1)
+    divergence = (t_mean - run_mean) ** 2 / scale + (t_var - run_var) ** 2 / (
+        2 * scale**2
+    )
+    return float(np.mean(divergence) * examples / 2)

@@ -432,3 +432,64 @@ def test_recalibrate_given_one_array_names_batches(kind):
     ):
         eqx_norm.recalibrate(model, state, x if kind == "jax" else np.asarray(x))
     assert_same(state, before)
+
+
+def _moved(model):
+    """The MLP with its first layer's weights moved (scaled and shifted), as a
+    high learning rate moves them in a few steps: its running statistics now lag."""
+    first = model.layers.layers[0]
+    return eqx.tree_at(
+        lambda m: m.layers.layers[0].weight, model, 1.8 * first.weight + 0.3
+    )
+
+
+@pytest.mark.parametrize("approach", ["batch", "tracking"])
+def test_diagnose_says_when_running_statistics_lag_and_not_once_recalibrated(
+    approach, getkey
+):
+    """The verdict: on a model whose weights moved after its statistics were kept,
+    `diagnose` names the layers and the fixes; on the same model recalibrated, and
+    on one trained to a stable population (40 steps, no drift), it says nothing."""
+    model, state = trained_mlp(approach, steps=40)
+    x = _inputs(getkey(), n=64)
+    settled = eqx_norm.diagnose(model, state, x)
+    assert settled.verdict is None and not settled.lagging
+    assert all(d.mismatch < 4 for d in settled)
+    moved = _moved(model)
+    lagging = eqx_norm.diagnose(moved, state, x)
+    assert lagging.verdict is not None and lagging.lagging[0] is lagging[0]
+    assert lagging[0].mismatch > 40
+    text = str(lagging)
+    assert "state = eqx_norm.recalibrate(model, state, batches)" in text
+    assert 'approach="tracking"' in text and ".layers.layers[1]" in text
+    batches = [_inputs(k, n=64) for k in jax.random.split(getkey(), 20)]
+    fixed = eqx_norm.recalibrate(moved, state, batches)
+    after = eqx_norm.diagnose(moved, fixed, x)
+    assert after.verdict is None and "recalibrate" not in str(after)
+    assert all(d.mismatch < 4 for d in after)
+
+
+def test_diagnose_gives_no_verdict_where_training_uses_the_running_statistics():
+    """`ema` and `frozen` normalise training batches with (mostly) the running
+    statistics: their training and inference outputs agree even on moved weights,
+    so there is no train/inference disagreement to report."""
+    for approach in ("ema", "frozen"):
+        model, state = trained_mlp(approach, steps=40)
+        d = eqx_norm.diagnose(_moved(model), state, _inputs(jax.random.key(4), n=64))
+        assert d.verdict is None, approach
+
+
+def test_diagnose_mismatch_is_the_formula(getkey):
+    """`mismatch` is D * B / 2 with D the mean over channels of
+    (mu_t - mu_i)^2 / (v_t + eps) + (v_t - v_i)^2 / (2 (v_t + eps)^2), in float64."""
+    bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(3, "batch", momentum=0.9)
+    for k in jax.random.split(getkey(), 3):
+        _, state = apply(bn, 1 + jax.random.normal(k, (16, 3, 4)), state)
+    x = 2 + 3 * jax.random.normal(getkey(), (10, 3, 4))
+    d = eqx_norm.diagnose(bn, state, x)[0]
+    xs = np.asarray(x, F64)
+    mu, v = xs.mean((0, 2)), xs.var((0, 2))
+    mi, vi = (np.asarray(a, F64) for a in bn.statistics(state))
+    s = v + bn.eps
+    expected = np.mean((mu - mi) ** 2 / s + (v - vi) ** 2 / (2 * s**2)) * 10 / 2
+    np.testing.assert_allclose(d.mismatch, expected, rtol=1e-5)
