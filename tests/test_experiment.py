@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eqx_norm
 from eqx_norm import data, experiments
 from eqx_norm.experiments import __main__ as cli, _report, _sam_comparison
 from eqx_norm.experiments._run import _batch_indices
@@ -205,6 +206,7 @@ def no_work(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "run", reached)
     monkeypatch.setattr(cli, "run_sam_comparison", reached)
+    monkeypatch.setattr(cli, "run_lag", reached)
     monkeypatch.setattr(data, "load_dataset", reached)
     return tmp_path / "out"
 
@@ -224,6 +226,7 @@ def _refused(argv, flag, out, capsys, says=""):
 
 
 SAM = ["sam", "--dataset", "digits"]
+LAG = ["lag", "--dataset", "digits"]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -325,6 +328,16 @@ def test_sam_command_ran_gradient_ascent_fewer_evaluations_and_a_method_twice(
         (SAM + ["--every", "0"], "--every"),
         (SAM + ["--steps", str(2**31 - 1)], "--steps"),
         (SAM + ["--data-dir", "/nonexistent"], "--data-dir"),
+        (LAG + ["--seeds", "0"], "--seeds"),
+        (LAG + ["--momenta", "1.0"], "--momenta"),
+        (LAG + ["--momenta", "0.9", "0.9"], "--momenta"),
+        (LAG + ["--momenta", "nan"], "--momenta"),
+        (LAG + ["--evaluations", "0"], "--evaluations"),
+        (LAG + ["--evaluations", "31"], "--evaluations"),
+        (LAG + ["--learning-rate", "-1"], "--learning-rate"),
+        (LAG + ["--recalibration-batches", "0"], "--recalibration-batches"),
+        (LAG + ["--regimes", "fast", "fast"], "--regimes"),
+        (LAG + ["--data-dir", "/nonexistent"], "--data-dir"),
     ],
 )
 def test_hostile_values_are_argparse_errors_before_any_work(
@@ -342,6 +355,8 @@ def test_hostile_values_are_argparse_errors_before_any_work(
         (["--approaches", "bach"], "invalid choice: 'bach'"),
         (SAM + ["--approach", "bach"], "invalid choice: 'bach'"),
         (SAM + ["--every", "2**40"], "invalid int value: '2**40'"),
+        (LAG + ["--regimes", "slow"], "invalid choice: 'slow'"),
+        (LAG + ["--momenta", "high"], "invalid float value: 'high'"),
     ],
 )
 def test_malformed_values_are_argparse_errors(argv, says, no_work, capsys):
@@ -392,6 +407,7 @@ def _results(seeds: int, steps: int = 5) -> experiments.Results:
         for k in ("loss", "grad_norm", "grad_norm_max_leaf", "norm_mean", "norm_std")
     }
     run["test_accuracy"] = rng.uniform(0.8, 0.9, seeds)
+    run["test_accuracy_recalibrated"] = rng.uniform(0.8, 0.9, seeds)
     run["seconds"] = np.asarray(1.0)
     config = experiments.Config(seeds=seeds, steps=steps, approaches=("batch", "ema"))
     return experiments.Results(config, {"batch": run, "ema": dict(run)}, {}, 1.0)
@@ -718,3 +734,139 @@ def test_benchmark_flags_refuse_zero_negative_and_malformed_values(
 def test_experiment_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         experiments.Config(**kwargs)
+
+
+# ------------------------------------------------------------ the lag experiment
+
+
+def _layer(approach, momentum=0.99):
+    return eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+        5, "batch", approach=approach, momentum=momentum
+    )
+
+
+def _run_layer(bn, x, state):
+    return jax.vmap(bn, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(
+        x, state
+    )
+
+
+def test_side_by_side_keeps_each_approach_as_its_own_layer_would(getkey):
+    """The lag experiment trains once and reads every approach: its strategy
+    trains as `batch` does, and the statistics it keeps for each approach equal
+    those of a layer of that approach trained on the same batches (the same
+    formula, about another shift)."""
+    from eqx_norm.experiments._lag import SideBySide, side_by_side
+
+    approach = side_by_side(experiments.LagConfig())
+    assert isinstance(approach, SideBySide)
+    ours, state = _layer(approach)
+    plain, plain_state = _layer("batch")
+    theirs = {label: _layer(a, m) for label, a, m in approach.compared}
+    for t in range(12):
+        x = (1 + 0.2 * t) * jax.random.normal(getkey(), (16, 5, 3)) + 0.1 * t
+        y, state = _run_layer(ours, x, state)
+        y_batch, plain_state = _run_layer(plain, x, plain_state)
+        np.testing.assert_allclose(y, y_batch, rtol=1e-5, atol=1e-5)
+        for label, (bn, other) in theirs.items():
+            theirs[label] = (bn, _run_layer(bn, x, other)[1])
+    for label, (bn, other) in theirs.items():
+        kept = state.get(ours.state_index).extra[label]
+        for a, b in zip((kept.mean, kept.var), bn.statistics(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=label)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_lag_experiment_reads_every_approach_and_recalibrated(tmp_path):
+    """A small run: every reading at every evaluation, the summary from them, the
+    outputs written; the recalibrated reading is what `recalibrate` gives."""
+    config = experiments.LagConfig(
+        dataset="digits",
+        regimes=("noisy-moving",),
+        seeds=2,
+        steps=20,
+        evaluations=2,
+        recalibration_batches=3,
+    )
+    results = experiments.run_lag(config, progress=False)
+    run = results.runs["noisy-moving"]
+    assert run["eval_steps"].tolist() == [10, 20]
+    assert run["loss"].shape == (2, 20) and np.all(np.isfinite(run["loss"]))
+    assert list(run["accuracy"]) == results.readings()
+    assert results.readings()[-2:] == ["running, tracking", "recalibrated"]
+    for values in run["accuracy"].values():
+        assert values.shape == (2, 2) and np.all((values > 0) & (values <= 1))
+    summary = experiments.lag_summary(results)["noisy-moving"]
+    base = run["accuracy"]["batch statistics"]
+    for label, row in summary.items():
+        a = run["accuracy"][label]
+        np.testing.assert_allclose(row["final"], a[:, -1].mean())
+        np.testing.assert_allclose(
+            row["final_vs_batch_statistics_per_seed"], a[:, -1] - base[:, -1]
+        )
+        np.testing.assert_allclose(
+            row["all_evaluations_vs_batch_statistics"], np.mean(a - base)
+        )
+    paths = experiments.save_lag_results(results, tmp_path)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["dataset"] == "digits" and payload["summary"]["noisy-moving"]
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = paths["table"].read_text()
+    assert "running, tracking" in table and "(here 20 steps)" in table
+
+
+def test_lag_falls_back_to_the_digits_where_fashion_mnist_is_missing(monkeypatch):
+    """Fashion-MNIST by default; the bundled digits where it is not installed (and
+    no `data_dir` names a folder), as the command says."""
+    from eqx_norm.experiments import _lag
+
+    monkeypatch.setattr(data, "FASHION_MNIST", Path("/nonexistent"))
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_splits(dataset, data_dir, download=False):
+        seen.append((dataset, data_dir))
+        raise Loaded
+
+    monkeypatch.setattr(_lag.training, "load_splits", load_splits)
+    with pytest.raises(Loaded):
+        experiments.run_lag(experiments.LagConfig(seeds=1), progress=False)
+    assert seen == [("digits", None)]
+    # A folder that is named but holds no files is an error, not a fallback.
+    config = experiments.LagConfig(seeds=1, data_dir="/nonexistent")
+    with pytest.raises(experiments.DataNotFoundError, match="`data_dir`"):
+        experiments.run_lag(config, progress=False)
+
+
+def test_lag_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit, match="0"):
+        cli.main(["lag", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in (
+        "(default: fashion-mnist)",
+        "(default: ['fast', 'settled', 'noisy', 'noisy-moving'])",
+        "(default: 2)",
+        "(default: 0.003)",
+        "(default: [0.99, 0.9, 0.5, 0.0])",
+        "(default: 6)",
+        "(default: 50)",
+        "(default: results/lag)",
+    ):
+        assert default in out, default
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion  # optax.adam
+def test_lag_cli_writes_table_figure_and_json(tmp_path, capsys):
+    """`python -m eqx_norm.experiments lag` at a tiny budget, the residual CNN too."""
+    argv = ["lag", "--dataset", "digits", "--regimes", "fast", "noisy", "--steps"]
+    argv += ["10", "--seeds", "1", "--evaluations", "1"]
+    argv += ["--recalibration-batches", "2", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "table.txt").read_text() in printed
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert list(payload["runs"]) == ["fast", "noisy"]
+    assert (tmp_path / "lag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

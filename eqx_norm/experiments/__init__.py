@@ -26,8 +26,31 @@ run raises `experiments.SettingError` (a `ValueError`) naming it, before any dat
 is loaded or any step runs.
 
 From the shell: `python -m eqx_norm.experiments sam --help`.
+
+The lag experiment (test accuracy read with batch statistics, with running
+statistics at several momenta and with `approach="tracking"`, and recalibrated, in
+four regimes):
+
+```python
+results = experiments.run_lag(experiments.LagConfig(seeds=2))
+print(experiments.lag_table(results))
+experiments.save_lag_results(results, "results/lag")
+```
+
+From the shell: `python -m eqx_norm.experiments lag --help`.
 """
 
+from ._lag import (
+    REGIMES as REGIMES,
+    LagConfig as LagConfig,
+    LagResults as LagResults,
+    Regime as Regime,
+    lag_summary as lag_summary,
+    lag_table as lag_table,
+    plot_lag as plot_lag,
+    run_lag as run_lag,
+    save_lag_results as save_lag_results,
+)
 from ._model import CNN as CNN, loss_fn as loss_fn
 from ._report import (
     claims as claims,
@@ -61,20 +84,29 @@ __all__ = [
     "Config",
     "DataNotFoundError",
     "DEFAULT_APPROACHES",
+    "LagConfig",
+    "LagResults",
+    "REGIMES",
+    "Regime",
     "Results",
     "SAMConfig",
     "SAMResults",
     "SettingError",
     "claims",
     "claims_table",
+    "lag_summary",
+    "lag_table",
     "loss_fn",
     "plot",
     "run",
+    "plot_lag",
     "plot_sam",
     "run_label",
+    "run_lag",
     "run_sam_comparison",
     "sam_summary",
     "sam_table",
     "save_results",
+    "save_lag_results",
     "save_sam_results",
 ]

@@ -110,8 +110,12 @@ class Results:
         SAM runs), a dict of NumPy arrays: per step and seed (shape `(seeds, steps)`)
         `loss`, `grad_norm` (global L2 norm of the gradient), `grad_norm_max_leaf`
         (largest L2 norm of one parameter array), `norm_mean` and `norm_std` (of
-        the BatchNorm output); per seed `test_accuracy`; and `seconds`, the wall
-        time of the run, compilation included.
+        the BatchNorm output); per seed `test_accuracy` (inference mode, with the
+        running statistics as training left them) and `test_accuracy_recalibrated`
+        (with the statistics recomputed from 50 training batches by
+        [`eqx_norm.recalibrate`][]: the weights' own accuracy, free of the running
+        statistics' lag); and `seconds`, the wall time of the run, compilation
+        included.
     - `versions`: the versions of Python, JAX, Equinox, Optax and eqx_norm.
     - `seconds`: the wall time of the whole experiment.
     """
@@ -155,9 +159,11 @@ def _train_one(
     train: tuple[jax.Array, jax.Array],
     test: tuple[jax.Array, jax.Array],
     on_steps: Callable[[int], object],
+    recalibration: list[jax.Array],
 ) -> dict[str, Any]:
     """One approach, with or without SAM: `config.seeds` models trained side by side
-    (vmapped), their per-step metrics and their test accuracy."""
+    (vmapped), their per-step metrics and their test accuracy, with the running
+    statistics and recalibrated from `recalibration`."""
     base = optax.adam(config.learning_rate)
     if use_sam:
         base = sam(base, rho=config.rho, adaptive=config.adaptive)
@@ -178,6 +184,8 @@ def _train_one(
         on_steps(chunk)
     run = {name: np.concatenate([m[name] for m in metrics]).T for name in metrics[0]}
     run["test_accuracy"] = training.accuracy(ensemble[:2], *test)
+    states = training.recalibrated(ensemble[:2], recalibration)
+    run["test_accuracy_recalibrated"] = training.accuracy((ensemble[0], states), *test)
     run["seconds"] = np.asarray(time.perf_counter() - start)
     return run
 
@@ -220,6 +228,7 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
     """
     start = time.perf_counter()
     train, test = training.load_splits(config.dataset, config.data_dir, config.download)
+    recalibration = training.recalibration_batches(train[0])
     plan: Sequence[tuple[str | Approach, bool]] = [
         (a, False) for a in config.approaches
     ]
@@ -242,6 +251,7 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
             train,
             test,
             bar.update if bar else lambda n: None,
+            recalibration,
         )
     if bar is not None:
         bar.close()

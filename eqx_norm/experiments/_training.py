@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from .. import data, sam_step
+from .. import batch_norms, data, recalibrate, sam_step
 from ._model import batch_forward, cross_entropy
 from ._settings import check_data_folder
 
@@ -141,6 +141,35 @@ def accuracy(models_and_states, images, labels, chunk: int = 1000) -> np.ndarray
             )
         )
     return correct / len(images)
+
+
+RECALIBRATION_BATCHES = 50
+"""How many training batches of 64 `recalibrated` reads: the same for every run."""
+
+
+def recalibration_batches(images: jax.Array, count: int = RECALIBRATION_BATCHES):
+    """`count` batches of 64 training images, drawn once with a fixed seed, the same
+    for every run and method: what `recalibrated` recomputes the statistics from."""
+    rng = np.random.default_rng(12345)
+    order = rng.permutation(len(images))[: 64 * count]
+    return [images[order[i : i + 64]] for i in range(0, len(order), 64)]
+
+
+def recalibrated(models_and_states, batches):
+    """The states of a stacked ensemble (along axis 0) with every BatchNorm's
+    statistics recomputed from `batches` by [`eqx_norm.recalibrate`][], model by
+    model; the states as they are for a model without BatchNorm."""
+    models, states = models_and_states
+    if not batch_norms(models):
+        return states
+    count = len(jax.tree.leaves(models_and_states)[0])
+    pick = lambda tree, i: jax.tree.map(  # noqa: E731
+        lambda a: a[i] if eqx.is_array(a) else a, tree
+    )
+    fixed = [
+        recalibrate(pick(models, i), pick(states, i), batches) for i in range(count)
+    ]
+    return jax.tree.map(lambda *a: jnp.stack(a), *fixed)
 
 
 @eqx.filter_jit
