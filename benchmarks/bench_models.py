@@ -10,7 +10,8 @@ Models: (a) an MLP 784-512-BN-ReLU-512-BN-ReLU-10 at batch 128; (b) the
 experiment's CNN (Conv 1->3, MaxPool, Linear 1728->512, BN, Linear 512->64,
 Linear 64->10) at batch 64; (c) a small residual CNN (three stages of two
 Conv-BN-ReLU residual blocks with 16/32/64 channels, 32x32x3 input) at batch 64,
-also with `eqx_norm.BatchNorm(compute_channels_last=True)`.
+also with `eqx_norm.BatchNorm(compute_channels_last=True)`. Every model also runs
+with `approach="tracking"`, whose step is printed relative to the default's.
 
 Printed: the step time of each relative to eqx_norm's (medians of per-round ratios,
 interleaved); what BatchNorm costs in the step ("BN ms": the median step less the
@@ -35,6 +36,7 @@ import eqx_norm
 
 PEERS = ("eqx_norm", "equinox", "flax")
 CHANNELS_LAST = "eqx_norm, channels-last compute"
+TRACKING = 'eqx_norm, approach="tracking"'
 
 
 class NoNorm(eqx.Module):
@@ -49,6 +51,8 @@ def norm_layer(kind: str, channels: int):
         return NoNorm()
     if kind == "eqx_norm":
         return eqx_norm.BatchNorm(channels, "batch", momentum=0.9)
+    if kind == TRACKING:
+        return eqx_norm.BatchNorm(channels, "batch", approach="tracking", momentum=0.9)
     if kind == CHANNELS_LAST:
         return eqx_norm.BatchNorm(
             channels, "batch", momentum=0.9, compute_channels_last=True
@@ -289,6 +293,7 @@ def builds(name: str, batch: int | None = None) -> dict[str, Callable[[], tuple]
         "eqx_norm": lambda: equinox_step(eqx_cls, "eqx_norm", x, y),
         "equinox": lambda: equinox_step(eqx_cls, "equinox", x, y),
         "flax": lambda: flax_step(flax_cls(), x, y),
+        TRACKING: lambda: equinox_step(eqx_cls, TRACKING, x, y),
         "equinox, no BN": lambda: equinox_step(eqx_cls, "none", x, y),
         "flax, no BN": lambda: flax_step(flax_cls(norm=False), x, y),
     }
@@ -317,7 +322,7 @@ def bench_model(
         programs[peer] = lambda compiled=compiled, args=args: compiled(*args)
     times = timing.interleaved(programs, rounds=rounds, calls=calls)
     floor = {"eqx_norm": "equinox, no BN", "equinox": "equinox, no BN"}
-    floor[CHANNELS_LAST] = "equinox, no BN"
+    floor[CHANNELS_LAST] = floor[TRACKING] = "equinox, no BN"
     floor["flax"] = "flax, no BN"
     rows = []
     for peer in programs:
@@ -391,6 +396,10 @@ def main(argv: list[str] | None = None):
         print(
             f"\n{MODELS[name][0]}, batch {batch}: eqx_norm's step is "
             f"{ours['equinox']:.2f}x Equinox's, {ours['flax']:.2f}x Flax's"
+        )
+        print(
+            'approach="tracking": its step is '
+            f"{timing.ratio(times, TRACKING, 'eqx_norm'):.3f}x approach=\"batch\"'s"
         )
         if CHANNELS_LAST in times:
             moved = {p: timing.ratio(times, CHANNELS_LAST, p) for p in PEERS[1:]}

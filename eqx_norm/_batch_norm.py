@@ -56,11 +56,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     | `"frozen"` | the stored statistics, never updated | the same |
     | `"running"` | capped-count running statistics | the same |
     | `"renorm"` | Batch Renormalization | debiased EMA |
+    | `"tracking"` | the batch statistics | the best-predicting of several debiased EMAs |
 
     See [`eqx_norm.Batch`][], [`eqx_norm.EMA`][], [`eqx_norm.AdamCorrection`][],
-    [`eqx_norm.SmoothStart`][], [`eqx_norm.Frozen`][], [`eqx_norm.Running`][] and
-    [`eqx_norm.Renorm`][] for the exact formulas, and [`eqx_norm.Approach`][] to write
-    your own.
+    [`eqx_norm.SmoothStart`][], [`eqx_norm.Frozen`][], [`eqx_norm.Running`][],
+    [`eqx_norm.Renorm`][] and [`eqx_norm.Tracking`][] for the exact formulas, and
+    [`eqx_norm.Approach`][] to write your own.
 
     All statistics live in an `eqx.nn.State` as a [`eqx_norm.RunningStats`][]
     (mean and variance as inference uses them, and a count), the same arrays for
@@ -146,7 +147,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             them (in one all-reduce).
         - `approach`: how statistics are used and kept: one of `"batch"`, `"ema"`,
             `"adam-correction"`, `"smooth-start"`, `"frozen"`, `"running"`,
-            `"renorm"`, or an [`eqx_norm.Approach`][] object.
+            `"renorm"`, `"tracking"`, or an [`eqx_norm.Approach`][] object.
         - `momentum`: the weight of the old value in moving averages, in [0, 1)
             (the Equinox/Flax convention; PyTorch's `momentum=0.1` is 0.9 here).
         - `eps`: added to the variance before the square root; at least 0.

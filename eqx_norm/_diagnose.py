@@ -132,9 +132,9 @@ class Diagnosis:
 
 MISMATCH = 8.0
 """The `mismatch` above which [`eqx_norm.diagnose`][] gives its verdict: eight times
-what sampling noise gives on average (about 1 or below, but up to about 3 over a
-few correlated channels), where running statistics that lag moving weights give
-tens to hundreds."""
+what sampling noise gives on average (it scatters about 1, up to about 3 over a few
+channels), where running statistics that lag moving weights give tens to
+thousands."""
 
 
 def _range(x: np.ndarray) -> str:
@@ -166,12 +166,17 @@ def diagnose(
     \\frac{(\\mu_t - \\mu_i)^2}{v_t + \\varepsilon} +
     \\frac{(v_t - v_i)^2}{2 (v_t + \\varepsilon)^2} \\right),$$
 
-    is at most about $2 / B$ for a batch of $B$ independent examples when the
-    running statistics are the population's (each example's values vary around
-    the population statistics no more than independent values would). The layer's
-    `mismatch` is $D B / 2$; above 8 the layer counts as lagging, and the
-    [`eqx_norm.Diagnosis`][] says so in words (`verdict`), naming
-    [`eqx_norm.recalibrate`][] and `approach="tracking"` as the fixes.
+    is compared with what the batch's own sampling noise gives it: the batch is
+    split into $k$ groups (4, or 2 for a batch of 4 to 7 examples), each passed
+    through the model on its own (so that the noise is that of real batches, every
+    layer before normalising them), and the variance of the groups' statistics
+    over $k$ estimates the variance of the whole batch's, in the same units. The
+    layer's `mismatch` is their ratio: about 1 where the running statistics are
+    those of the current weights; above 8 the layer counts as lagging, which the
+    [`eqx_norm.Diagnosis`][] says in words (`verdict`), naming
+    [`eqx_norm.recalibrate`][] and `approach="tracking"` as the fixes. A batch of
+    fewer than 4 examples has no groups to measure the noise with: `mismatch` is
+    NaN and there is no verdict.
 
     ```python
     print(eqx_norm.diagnose(model, state, x))
@@ -197,10 +202,10 @@ def diagnose(
     if not layers:
         raise no_batch_norm("diagnose")
     x = first_input(batch)
-    examples = int(np.shape(x)[0])
     recorded = record_batch_statistics(model, state, x, "diagnose", None)
+    groups = _groups(model, state, x)
     out = []
-    for (path, bn), stats in zip(layers, recorded):
+    for i, ((path, bn), stats) in enumerate(zip(layers, recorded)):
         running = state.get(bn.state_index)
         run_mean, run_var = (np.asarray(a, np.float64) for a in bn.statistics(state))
         if stats is None:
@@ -220,7 +225,7 @@ def diagnose(
             c_t, c_i = -t_mean * a_t, -run_mean * a_i
             da = a_t - a_i
             gap = np.sqrt(da**2 * batch_var + (da * batch_mean + c_t - c_i) ** 2)
-            mismatch = _mismatch(t_mean, t_var, run_mean, run_var, bn.eps, examples)
+            mismatch = _mismatch(t_mean, t_var, run_mean, run_var, bn.eps, groups[i])
         finite = np.isfinite(run_mean) & np.isfinite(run_var)
         out.append(
             LayerDiagnosis(
@@ -239,17 +244,53 @@ def diagnose(
     return Diagnosis(tuple(out))
 
 
-def _mismatch(t_mean, t_var, run_mean, run_var, eps: float, examples: int) -> float:
-    """Twice the Kullback-Leibler divergence (to second order) between the normal
-    distributions that training and inference normalise a channel with, averaged
-    over the channels, over its value under sampling noise alone from `examples`
-    independent examples (at most 2 / examples: 1 / examples each for the mean,
-    whose sampling variance is at most the variance over the number of examples,
-    and for the variance, whose is at most twice its square over it for normal
-    values)."""
+def _groups(model, state, x) -> list[list[Any] | None]:
+    """Each layer's statistics of the batch `x` split into groups (four, or two for
+    a batch of 4 to 7 examples), each group passed through the model on its own;
+    `None` for a batch of fewer than 4 examples, or where a group's statistics are
+    not finite."""
+    count = int(np.shape(x)[0])
+    layers = batch_norms(model)
+    if count < 4:
+        return [None] * len(layers)
+    k = 4 if count >= 8 else 2
+    bounds = [count * g // k for g in range(k + 1)]
+    try:
+        parts = [
+            record_batch_statistics(model, state, x[lo:hi], "diagnose", None)
+            for lo, hi in zip(bounds, bounds[1:])
+        ]
+    except ValueError:  # a group with one value per channel
+        return [None] * len(layers)
+    return [
+        None if any(s is None for s in stats) else list(stats) for stats in zip(*parts)
+    ]
+
+
+def _mismatch(t_mean, t_var, run_mean, run_var, eps: float, groups) -> float:
+    """The discrepancy (twice the Kullback-Leibler divergence to second order,
+    averaged over channels) between the normal distributions that training and
+    inference normalise a channel with, over what sampling noise alone gives the
+    whole batch's statistics: the variance of the groups' statistics over the
+    number of groups. NaN without groups."""
+    if groups is None:
+        return float("nan")
     scale = t_var + eps
     scale = np.where(scale > 0, scale, 1)
-    divergence = (t_mean - run_mean) ** 2 / scale + (t_var - run_var) ** 2 / (
-        2 * scale**2
+    k = len(groups)
+    means = np.stack([np.asarray(g.mean, np.float64) for g in groups])
+    variances = np.stack([np.asarray(g.var, np.float64) for g in groups])
+    noise = float(
+        np.mean(
+            means.var(axis=0, ddof=1) / k / scale
+            + variances.var(axis=0, ddof=1) / k / (2 * scale**2)
+        )
     )
-    return float(np.mean(divergence) * examples / 2)
+    gap = float(
+        np.mean(
+            (t_mean - run_mean) ** 2 / scale + (t_var - run_var) ** 2 / (2 * scale**2)
+        )
+    )
+    if noise == 0:
+        return 0.0 if gap == 0 else float("inf")
+    return gap / noise

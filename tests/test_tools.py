@@ -454,7 +454,7 @@ def test_diagnose_says_when_running_statistics_lag_and_not_once_recalibrated(
     x = _inputs(getkey(), n=64)
     settled = eqx_norm.diagnose(model, state, x)
     assert settled.verdict is None and not settled.lagging
-    assert all(d.mismatch < 4 for d in settled)
+    assert all(d.mismatch < 8 for d in settled)
     moved = _moved(model)
     lagging = eqx_norm.diagnose(moved, state, x)
     assert lagging.verdict is not None and lagging.lagging[0] is lagging[0]
@@ -466,7 +466,7 @@ def test_diagnose_says_when_running_statistics_lag_and_not_once_recalibrated(
     fixed = eqx_norm.recalibrate(moved, state, batches)
     after = eqx_norm.diagnose(moved, fixed, x)
     assert after.verdict is None and "recalibrate" not in str(after)
-    assert all(d.mismatch < 4 for d in after)
+    assert all(d.mismatch < 8 for d in after)
 
 
 def test_diagnose_gives_no_verdict_where_training_uses_the_running_statistics():
@@ -480,8 +480,10 @@ def test_diagnose_gives_no_verdict_where_training_uses_the_running_statistics():
 
 
 def test_diagnose_mismatch_is_the_formula(getkey):
-    """`mismatch` is D * B / 2 with D the mean over channels of
-    (mu_t - mu_i)^2 / (v_t + eps) + (v_t - v_i)^2 / (2 (v_t + eps)^2), in float64."""
+    """`mismatch` is D over its value under sampling noise, with D the mean over
+    channels of (mu_t - mu_i)^2 / (v_t + eps) + (v_t - v_i)^2 / (2 (v_t + eps)^2)
+    and the noise from the variance of four groups' statistics over 4, in float64;
+    NaN for a batch of fewer than 4 examples."""
     bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(3, "batch", momentum=0.9)
     for k in jax.random.split(getkey(), 3):
         _, state = apply(bn, 1 + jax.random.normal(k, (16, 3, 4)), state)
@@ -491,5 +493,16 @@ def test_diagnose_mismatch_is_the_formula(getkey):
     mu, v = xs.mean((0, 2)), xs.var((0, 2))
     mi, vi = (np.asarray(a, F64) for a in bn.statistics(state))
     s = v + bn.eps
-    expected = np.mean((mu - mi) ** 2 / s + (v - vi) ** 2 / (2 * s**2)) * 10 / 2
-    np.testing.assert_allclose(d.mismatch, expected, rtol=1e-5)
+
+    def divergence(dm, dv):
+        return np.mean(dm**2 / s + dv**2 / (2 * s**2))
+
+    groups = [xs[lo:hi] for lo, hi in ((0, 2), (2, 5), (5, 7), (7, 10))]
+    means = np.stack([g.mean((0, 2)) for g in groups])
+    variances = np.stack([g.var((0, 2)) for g in groups])
+    noise = np.mean(
+        means.var(0, ddof=1) / 4 / s + variances.var(0, ddof=1) / 4 / (2 * s**2)
+    )
+    expected = divergence(mu - mi, v - vi) / noise
+    np.testing.assert_allclose(d.mismatch, expected, rtol=1e-4)
+    assert np.isnan(eqx_norm.diagnose(bn, state, x[:3])[0].mismatch)
