@@ -68,8 +68,14 @@ from ._run import (
 from ._sam_comparison import (
     SAMConfig as SAMConfig,
     SAMResults as SAMResults,
-    plot_sam as plot_sam,
     run_sam_comparison as run_sam_comparison,
+)
+from ._sam_summary import (
+    Comparison as Comparison,
+    Difference as Difference,
+    MethodRow as MethodRow,
+    SAMSummary as SAMSummary,
+    plot_sam as plot_sam,
     sam_table as sam_table,
     save_sam_results as save_sam_results,
     summary as sam_summary,
@@ -81,16 +87,20 @@ from ._settings import (
 
 __all__ = [
     "CNN",
+    "Comparison",
+    "Difference",
     "Config",
     "DataNotFoundError",
     "DEFAULT_APPROACHES",
     "LagConfig",
     "LagResults",
+    "MethodRow",
     "REGIMES",
     "Regime",
     "Results",
     "SAMConfig",
     "SAMResults",
+    "SAMSummary",
     "SettingError",
     "claims",
     "claims_table",

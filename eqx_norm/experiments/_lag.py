@@ -24,15 +24,12 @@ from .. import (
     Batch,
     BatchNorm,
     Tracking,
-    batch_norms,
-    match_state,
-    recalibrate,
     sam_step,
-    set_approach,
 )
 from . import _training as training
 from ._lag_models import MODELS
 from ._settings import SettingError, check_int, check_names, check_real, wrap
+from ._side_by_side import BATCH_STATISTICS, RECALIBRATED, SideBySide, readings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +68,6 @@ REGIMES = {
 """The four regimes: weights that move fast (`fast`), that settle (`settled`), small
 noisy batches on settling weights (`noisy`) and on moving ones (`noisy-moving`)."""
 
-BATCH_STATISTICS = "batch statistics"
-RECALIBRATED = "recalibrated"
 TRACKING = "running, tracking"
 
 
@@ -201,38 +196,6 @@ class LagResults:
         }
 
 
-class SideBySide(Approach):
-    """Trains as `approach="batch"` does, and keeps in its state the running
-    statistics of several approaches side by side, each updated by the approach
-    itself from the same batch statistics: a strategy of this experiment's own,
-    on [`eqx_norm.Approach`][]'s public contract.
-
-    **Arguments:**
-
-    - `compared`: `(label, approach, momentum)` for each approach kept.
-    """
-
-    compared: tuple[tuple[str, Approach, float], ...] = eqx.field(static=True)
-
-    def init(self, input_size, dtype):
-        base = Batch().init(input_size, dtype)
-        kept = {label: a.init(input_size, dtype) for label, a, _ in self.compared}
-        return base._replace(extra=kept)
-
-    def train(self, batch, running, momentum, eps):
-        kept = {
-            label: a.train(batch, running.extra[label], m, eps)[2]
-            for label, a, m in self.compared
-        }
-        # The first approach's statistics are this layer's own (the shift the
-        # layer takes the batch's second moment about).
-        first = kept[self.compared[0][0]]
-        new = running._replace(
-            mean=first.mean, var=first.var, counter=first.counter, extra=kept
-        )
-        return batch.mean, batch.var, new
-
-
 def side_by_side(config: LagConfig) -> SideBySide:
     """The approaches whose running statistics the experiment reads."""
     compared: list[tuple[str, Approach, float]] = [
@@ -293,22 +256,11 @@ def _accuracy(model, state, test, inference: bool, chunk: int = 1000) -> float:
 def _readings(model, state, test, recal, labels: list[str]) -> dict[str, float]:
     """The test accuracy of the model (trained with `SideBySide`) read with batch
     statistics, with each kept approach's running statistics, and recalibrated."""
-    plain = set_approach(model, "batch")
-    plain_state = match_state(plain, state)  # the statistics alone, no others kept
-    read = {BATCH_STATISTICS: _accuracy(plain, plain_state, test, inference=False)}
-    layers = batch_norms(model)
-    for label in labels:
-        with_running = jax.tree.map(lambda a: a, plain_state)  # a copy to set
-        for _, bn in layers:
-            # Every kept approach stores the statistics its inference uses.
-            kept = state.get(bn.state_index).extra[label]
-            with_running = bn.set_statistics(
-                with_running, kept.mean, kept.var, counter=kept.counter
-            )
-        read[label] = _accuracy(plain, with_running, test, inference=True)
-    recalibrated = recalibrate(plain, plain_state, recal)
-    read[RECALIBRATED] = _accuracy(plain, recalibrated, test, inference=True)
-    return read
+
+    def accuracy(model, state, inference):
+        return _accuracy(model, state, test, inference=inference)
+
+    return readings(model, state, recal, labels, accuracy)
 
 
 def evaluation_steps(steps: int, evaluations: int) -> list[int]:

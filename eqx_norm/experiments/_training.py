@@ -68,6 +68,37 @@ def training_step(base: optax.GradientTransformation, **sam_step_options):
     return optimizer, step
 
 
+def _counter_axis(leaf) -> int | None:
+    """An optimizer state's integer leaves (its step counts) are the same for every
+    member of an ensemble trained in lockstep: kept once, not per member."""
+    if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
+        return None
+    return None if jnp.issubdtype(leaf.dtype, jnp.integer) else 0
+
+
+def ensemble_step(step):
+    """`step(model, state, opt_state, *batch)` over an ensemble (`lockstep`): every
+    array per member along axis 0, but the optimizer state's step counts, shared, so
+    that a `lax.cond` on them (LookSAM's) stays a branch under `vmap`."""
+    per_member = eqx.if_array(0)
+    return eqx.filter_vmap(
+        step,
+        in_axes=(per_member, per_member, _counter_axis, 0, 0),
+        out_axes=(per_member, per_member, _counter_axis, per_member, per_member),
+    )
+
+
+def lockstep(ensemble):
+    """`(models, states, optimizer states)` stacked along axis 0 (as `filter_vmap`
+    makes them), with the optimizer states' step counts kept once."""
+    models, states, opt_states = ensemble
+    shared = jax.tree.map(
+        lambda a: a[0] if _counter_axis(a) is None and eqx.is_array(a) else a,
+        opt_states,
+    )
+    return models, states, shared
+
+
 def chunk_size(steps: int, most: int = 10) -> int:
     """How many steps one jitted chunk runs: the largest divisor of `steps` up to
     `most`."""
@@ -130,14 +161,20 @@ def train_chunk(step, trained, indices, images, labels):
     return eqx.combine(dynamic, static), metrics
 
 
-def accuracy(models_and_states, images, labels, chunk: int = 1000) -> np.ndarray:
+def accuracy(
+    models_and_states, images, labels, chunk: int = 1000, inference: bool = True
+) -> np.ndarray:
     """Each model's accuracy on the test set (the models and states stacked along
-    axis 0), in chunks of `chunk` images."""
+    axis 0), in chunks of `chunk` images: in inference mode, or in training mode
+    (each chunk normalised with its own statistics)."""
     correct = np.zeros(len(jax.tree.leaves(models_and_states)[0]))
     for i in range(0, len(images), chunk):
         correct += np.asarray(
             _count_correct(
-                models_and_states, images[i : i + chunk], labels[i : i + chunk]
+                models_and_states,
+                images[i : i + chunk],
+                labels[i : i + chunk],
+                inference,
             )
         )
     return correct / len(images)
@@ -173,9 +210,9 @@ def recalibrated(models_and_states, batches):
 
 
 @eqx.filter_jit
-def _count_correct(models_and_states, images, labels):
+def _count_correct(models_and_states, images, labels, inference: bool):
     def one(model, state):
-        model = eqx.nn.inference_mode(model)
+        model = eqx.nn.inference_mode(model, inference)
         log_probs, _, _ = batch_forward(model, state, images)
         return jnp.sum(jnp.argmax(log_probs, axis=1) == labels)
 
