@@ -3,7 +3,9 @@ Equinox."""
 
 import importlib.metadata
 
-from ._approaches import (
+from ._io._checkpoint import load as load, save as save
+from ._io._sharding import replicate as replicate, shard_batch as shard_batch
+from ._nn._approaches import (
     APPROACHES as APPROACHES,
     EMA as EMA,
     AdamCorrection as AdamCorrection,
@@ -18,31 +20,29 @@ from ._approaches import (
     Tracking as Tracking,
     TrackingStats as TrackingStats,
 )
-from ._batch_norm import BatchNorm as BatchNorm
-from ._channel_affine import ChannelAffine as ChannelAffine
-from ._checkpoint import load as load, save as save
-from ._diagnose import (
-    Diagnosis as Diagnosis,
-    LayerDiagnosis as LayerDiagnosis,
-    diagnose as diagnose,
-)
-from ._fold import fold as fold, fold_into as fold_into
-from ._from_equinox import from_equinox as from_equinox
-from ._looksam import LookSAMState as LookSAMState, looksam as looksam
-from ._masks import normalisation_mask as normalisation_mask
-from ._msam import MSAMState as MSAMState, msam as msam
-from ._perturb import (
+from ._nn._batch_norm import BatchNorm as BatchNorm
+from ._nn._channel_affine import ChannelAffine as ChannelAffine
+from ._sam._contract import (
     NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
     StepGradient as StepGradient,
     pass_point as pass_point,
     perturbed_gradient as perturbed_gradient,
 )
-from ._recalibrate import recalibrate as recalibrate
-from ._sam import SAMState as SAMState, sam as sam
-from ._sharding import replicate as replicate, shard_batch as shard_batch
-from ._step import sam_step as sam_step
-from ._walk import (
+from ._sam._looksam import LookSAMState as LookSAMState, looksam as looksam
+from ._sam._msam import MSAMState as MSAMState, msam as msam
+from ._sam._sam import SAMState as SAMState, sam as sam
+from ._sam._step import sam_step as sam_step
+from ._tools._diagnose import (
+    Diagnosis as Diagnosis,
+    LayerDiagnosis as LayerDiagnosis,
+    diagnose as diagnose,
+)
+from ._tools._fold import fold as fold, fold_into as fold_into
+from ._tools._from_equinox import from_equinox as from_equinox
+from ._tools._masks import normalisation_mask as normalisation_mask
+from ._tools._recalibrate import recalibrate as recalibrate
+from ._tools._walk import (
     batch_norms as batch_norms,
     freeze as freeze,
     match_state as match_state,

@@ -15,7 +15,7 @@ import pytest
 # scale and offset. To check that derivative against JAX's autodiff of the same
 # formula, the tests swap `affine` for `_plain_affine` with `monkeypatch` (undone
 # after each use) and differentiate the same layer both ways.
-import eqx_norm._batch_norm as batch_norm_module
+import eqx_norm._nn._batch_norm as batch_norm_module
 
 from .helpers import apply, batches, make, with_affine
 

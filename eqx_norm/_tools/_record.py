@@ -2,7 +2,7 @@
 statistics: what [`eqx_norm.recalibrate`][] and [`eqx_norm.diagnose`][] measure.
 
 The statistics travel in the state, as everything a layer computes does: each
-layer's entry is made a `Recording` (see `_state.py`), the model runs, and
+layer's entry is made a `Recording` (see `_nn/_recording.py`), the model runs, and
 the layer writes its batch statistics into the entry of the state it returns."""
 
 from typing import Any
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from ._approaches import Approach, BatchStats
-from ._batch_norm import OneValuePerChannelError
-from ._groups import axis_names
-from ._state import Recording, copy_state
+from .._nn._approaches import Approach, BatchStats
+from .._nn._batch_norm import OneValuePerChannelError
+from .._nn._groups import axis_names
+from .._nn._recording import Recording
+from .._state import copy_state
 from ._walk import batch_norms, is_batch_norm
 
 

@@ -7,8 +7,8 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int
 
-from ._checks import non_negative, non_negative_at_run_time, optax_transformation
-from ._perturb import NextPerturbation
+from .._checks import non_negative, non_negative_at_run_time, optax_transformation
+from ._contract import NextPerturbation
 
 # Optax's state types that hold a momentum, and the attribute that holds it.
 _MOMENTA: tuple[tuple[type, str], ...] = (

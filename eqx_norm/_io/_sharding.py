@@ -7,7 +7,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
-from ._checks import boolean
+from .._checks import boolean
 
 
 def shard_batch(

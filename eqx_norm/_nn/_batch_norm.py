@@ -11,8 +11,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._approaches import APPROACHES, Approach, RunningStats, as_approach
-from ._checks import (
+from .._checks import (
     as_int,
     boolean,
     channel_axis_of,
@@ -25,9 +24,10 @@ from ._checks import (
     real_statistic,
     step_count,
 )
+from ._approaches import APPROACHES, Approach, RunningStats, as_approach
 from ._groups import Groups, checked_mask, statistics
 from ._kernels import affine
-from ._state import Recording
+from ._recording import Recording
 
 
 class OneValuePerChannelError(ValueError):
@@ -56,7 +56,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     | `"frozen"` | the stored statistics, never updated | the same |
     | `"running"` | capped-count running statistics | the same |
     | `"renorm"` | Batch Renormalization | debiased EMA |
-    | `"tracking"` | the batch statistics | the best-predicting of several debiased EMAs |
+    | `"tracking"` | the batch statistics | the best of several debiased EMAs |
 
     See [`eqx_norm.Batch`][], [`eqx_norm.EMA`][], [`eqx_norm.AdamCorrection`][],
     [`eqx_norm.SmoothStart`][], [`eqx_norm.Frozen`][], [`eqx_norm.Running`][],

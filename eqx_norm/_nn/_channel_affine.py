@@ -4,7 +4,7 @@ normalisation as a stateless per-channel affine map."""
 import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import channel_axis_of
+from .._checks import channel_axis_of
 from ._kernels import affine
 
 _NO_STATE = object()

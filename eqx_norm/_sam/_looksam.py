@@ -8,7 +8,7 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import (
+from .._checks import (
     INT32_MAX,
     flag,
     non_negative,
@@ -16,7 +16,7 @@ from ._checks import (
     optax_transformation,
     positive_int,
 )
-from ._perturb import check_update_args, perturbed_gradient, sam_rule
+from ._contract import check_update_args, perturbed_gradient, sam_rule
 
 
 class LookSAMState(NamedTuple):

@@ -6,13 +6,13 @@ import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int, PyTree
 
-from ._checks import (
+from .._checks import (
     flag,
     non_negative,
     non_negative_at_run_time,
     optax_transformation,
 )
-from ._perturb import check_update_args, perturbed_gradient, sam_rule
+from ._contract import check_update_args, perturbed_gradient, sam_rule
 
 
 class SAMState(NamedTuple):

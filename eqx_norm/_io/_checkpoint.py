@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._approaches import APPROACHES
-from ._checkpoint_processes import (
+from .._nn._approaches import APPROACHES
+from .._tools._walk import batch_norms
+from ._processes import (
     describe_leaf,
     local_copy,
     on_process_zero,
@@ -24,7 +25,6 @@ from ._checkpoint_processes import (
     valid_arrays_header,
     write_arrays,
 )
-from ._walk import batch_norms
 
 _FORMAT = "eqx_norm-checkpoint"
 _VERSION = 2  # one file: the header, then the leaves

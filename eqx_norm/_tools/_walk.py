@@ -9,9 +9,9 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from ._approaches import Approach, as_approach
-from ._batch_norm import BatchNorm
-from ._checks import boolean
+from .._checks import boolean
+from .._nn._approaches import Approach, as_approach
+from .._nn._batch_norm import BatchNorm
 
 
 def is_batch_norm(x: Any) -> bool:

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from ._approaches import Batch
+from .._nn._approaches import Batch
+from .._state import copy_state
 from ._record import first_input, record_batch_statistics
-from ._state import copy_state
 from ._walk import batch_norms, no_batch_norm
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._approaches import Approach, RunningStats
-from ._batch_norm import BatchNorm
-from ._checks import boolean
+from .._checks import boolean
+from .._nn._approaches import Approach, RunningStats
+from .._nn._batch_norm import BatchNorm
 
 _UNKNOWN_LAYOUT = (
     "`from_equinox` met an `eqx.nn.BatchNorm` whose state it does not know (an "

@@ -5,7 +5,7 @@ import jax
 import optax
 from jaxtyping import PyTree
 
-from ._batch_norm import BatchNorm
+from .._nn._batch_norm import BatchNorm
 
 NORMALISATION_LAYERS = (
     BatchNorm,

@@ -10,8 +10,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._batch_norm import BatchNorm
-from ._channel_affine import ChannelAffine
+from .._nn._batch_norm import BatchNorm
+from .._nn._channel_affine import ChannelAffine
 from ._from_equinox import equinox_inference_statistics
 
 _FOLDABLE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)

@@ -9,9 +9,9 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 
-from ._checks import positive_int
-from ._perturb import StepGradient, declares_point, pass_point, perturb
-from ._state import copy_state
+from .._checks import positive_int
+from .._state import copy_state
+from ._contract import StepGradient, declares_point, pass_point, perturb
 
 _PERTURBATIONS = ("whole-batch", "per-micro-batch")
 
