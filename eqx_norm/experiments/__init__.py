@@ -40,37 +40,39 @@ experiments.save_lag_results(results, "results/lag")
 From the shell: `python -m eqx_norm.experiments lag --help`.
 """
 
-from ._lag import (
-    REGIMES as REGIMES,
-    LagConfig as LagConfig,
-    LagResults as LagResults,
-    Regime as Regime,
-    lag_summary as lag_summary,
-    lag_table as lag_table,
-    plot_lag as plot_lag,
-    run_lag as run_lag,
-    save_lag_results as save_lag_results,
-)
-from ._model import CNN as CNN, loss_fn as loss_fn
-from ._report import (
+from ._instability._report import (
     claims as claims,
     claims_table as claims_table,
     plot as plot,
     save_results as save_results,
 )
-from ._run import (
+from ._instability._run import (
     DEFAULT_APPROACHES as DEFAULT_APPROACHES,
     Config as Config,
     Results as Results,
     run as run,
     run_label as run_label,
 )
-from ._sam_comparison import (
+from ._lag._config import (
+    REGIMES as REGIMES,
+    LagConfig as LagConfig,
+    LagResults as LagResults,
+    Regime as Regime,
+)
+from ._lag._report import (
+    lag_summary as lag_summary,
+    lag_table as lag_table,
+    plot_lag as plot_lag,
+    save_lag_results as save_lag_results,
+)
+from ._lag._run import run_lag as run_lag
+from ._model import CNN as CNN, loss_fn as loss_fn
+from ._sam._comparison import (
     SAMConfig as SAMConfig,
     SAMResults as SAMResults,
     run_sam_comparison as run_sam_comparison,
 )
-from ._sam_summary import (
+from ._sam._summary import (
     Comparison as Comparison,
     Difference as Difference,
     MethodRow as MethodRow,

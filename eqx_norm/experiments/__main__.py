@@ -14,11 +14,13 @@ from typing import Any
 
 from .. import APPROACHES
 from ..data import DATASETS
-from ._lag import REGIMES, LagConfig, lag_table, run_lag, save_lag_results
-from ._report import claims_table, save_results
-from ._run import DEFAULT_APPROACHES, KNOWN_APPROACHES, Config, run
-from ._sam_comparison import METHODS, SCHEDULES, SAMConfig, run_sam_comparison
-from ._sam_summary import sam_table, save_sam_results
+from ._instability._report import claims_table, save_results
+from ._instability._run import DEFAULT_APPROACHES, KNOWN_APPROACHES, Config, run
+from ._lag._config import REGIMES, LagConfig
+from ._lag._report import lag_table, save_lag_results
+from ._lag._run import run_lag
+from ._sam._comparison import METHODS, SCHEDULES, SAMConfig, run_sam_comparison
+from ._sam._summary import sam_table, save_sam_results
 from ._settings import (
     SettingError,
     check_data_folder,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .. import Approach, BatchNorm
+from ... import Approach, BatchNorm
 
 
 class Block(eqx.Module):

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import APPROACHES, Approach, BatchNorm, sam
-from . import _training as training
-from ._model import CNN
-from ._settings import SettingError, check_names, check_shared, wrap
+from ... import APPROACHES, Approach, BatchNorm, sam
+from .. import _training as training
+from .._model import CNN
+from .._settings import SettingError, check_names, check_shared, wrap
 
 DEFAULT_APPROACHES = ("none", "batch", "ema", "adam-correction", "smooth-start")
 """The runs of the experiment by default ([`eqx_norm.experiments.Config`][]'s

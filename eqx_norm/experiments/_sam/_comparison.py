@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import APPROACHES, Batch, Tracking, looksam, msam, normalisation_mask, sam
-from . import _training as training
-from ._model import CNN
-from ._settings import SettingError, check_int, check_names, check_shared, wrap
-from ._side_by_side import BATCH_STATISTICS, RECALIBRATED, SideBySide, readings
+from ... import APPROACHES, Batch, Tracking, looksam, msam, normalisation_mask, sam
+from .. import _training as training
+from .._model import CNN
+from .._settings import SettingError, check_int, check_names, check_shared, wrap
+from .._side_by_side import BATCH_STATISTICS, RECALIBRATED, SideBySide, readings
 
 METHODS = (
     "adam",
@@ -245,7 +245,7 @@ class SAMResults:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything, arrays as nested lists, with the
         summary."""
-        from ._sam_summary import summary
+        from ._summary import summary
 
         return {
             "config": dataclasses.asdict(self.config),

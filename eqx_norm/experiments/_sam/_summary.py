@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from ._report import marks_note, save_figure
-from ._sam_comparison import (
+from .._figures import marks_note, save_figure
+from ._comparison import (
     TWO_PASSES,
     SAMResults,
     base_lengths,

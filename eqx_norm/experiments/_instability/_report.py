@@ -4,6 +4,7 @@ from typing import Any
 
 import numpy as np
 
+from .._figures import marks_note, save_figure
 from ._run import Results
 
 EARLY_STEPS = 10
@@ -189,28 +190,6 @@ def plot(results: Results, path: str | Path) -> Path:
         f"batch {c.batch_size}, Adam {c.learning_rate}"
     )
     return save_figure(fig, path)
-
-
-def marks_note(seeds: int, centre: str, spread: str, statistic: str = "mean") -> str:
-    """What a figure's marks are, for its legend: `centre` the `statistic` over the
-    seeds, `spread` their range."""
-    if seeds < 2:
-        return f"{centre}: the one seed; no {spread} (a spread needs two seeds)"
-    return f"{centre}: {statistic} over {seeds} seeds; {spread}: range (min to max)"
-
-
-def save_figure(fig, path: str | Path, *, layout: bool = True) -> Path:
-    """Lay out `fig` (unless `layout` is false: laid out already), write it to
-    `path` (making its folder) and close it."""
-    import matplotlib.pyplot as plt
-
-    if layout:
-        fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def save_results(results: Results, out: str | Path) -> dict[str, Path]:

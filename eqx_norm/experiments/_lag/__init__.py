@@ -1,0 +1,2 @@
+"""The lag experiment: how far running statistics fall behind moving weights, in
+four regimes."""

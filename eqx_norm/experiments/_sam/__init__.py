@@ -1,0 +1,1 @@
+"""The SAM comparison: every method's run, and what the comparison concludes."""
