@@ -5,23 +5,26 @@ import importlib.metadata
 
 from ._io._checkpoint import load as load, save as save
 from ._io._sharding import replicate as replicate, shard_batch as shard_batch
+from ._nn._approach import (
+    AbstractApproach as AbstractApproach,
+    AbstractStoredApproach as AbstractStoredApproach,
+    Approach as Approach,
+    BatchStats as BatchStats,
+    RunningStats as RunningStats,
+)
 from ._nn._approaches import (
     APPROACHES as APPROACHES,
     EMA as EMA,
     AdamCorrection as AdamCorrection,
-    Approach as Approach,
     Batch as Batch,
-    BatchStats as BatchStats,
     Frozen as Frozen,
     Renorm as Renorm,
     Running as Running,
-    RunningStats as RunningStats,
     SmoothStart as SmoothStart,
-    Tracking as Tracking,
-    TrackingStats as TrackingStats,
 )
 from ._nn._batch_norm import BatchNorm as BatchNorm
 from ._nn._channel_affine import ChannelAffine as ChannelAffine
+from ._nn._tracking import Tracking as Tracking, TrackingStats as TrackingStats
 from ._sam._contract import (
     NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
@@ -57,6 +60,8 @@ except importlib.metadata.PackageNotFoundError:  # a source tree, not installed
 
 __all__ = [
     "APPROACHES",
+    "AbstractApproach",
+    "AbstractStoredApproach",
     "AdamCorrection",
     "Approach",
     "Batch",

@@ -199,7 +199,7 @@ class MLP(eqx.Module):
     layers: eqx.nn.Sequential
 
     def __init__(
-        self, approach: str | eqx_norm.Approach = "batch", key=jax.random.key(0)
+        self, approach: str | eqx_norm.AbstractApproach = "batch", key=jax.random.key(0)
     ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.layers = eqx.nn.Sequential(
@@ -218,7 +218,7 @@ class MLP(eqx.Module):
         return self.layers(x, state)
 
 
-def trained_mlp(approach: str | eqx_norm.Approach = "batch", steps=3):
+def trained_mlp(approach: str | eqx_norm.AbstractApproach = "batch", steps=3):
     """An `MLP` and its state after `steps` training calls on batches of 16 inputs
     of mean 3 and standard deviation 2."""
     model, state = eqx.nn.make_with_state(MLP)(approach)

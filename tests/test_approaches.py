@@ -170,3 +170,34 @@ def test_user_strategy_init_and_infer_are_used(getkey):
     mu, v = xs.mean((0, 2)), xs.var((0, 2))
     y_ref = (xs - mu[None, :, None]) / np.sqrt(2 * v + 1e-5)[None, :, None]
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_strategies_are_abstract_until_they_say_everything():
+    """`AbstractApproach` declares what the layer calls; a strategy that does not
+    implement it, or does not say whether it needs a batch variance, cannot be made.
+    `Approach`, the class users subclass, needs only `train`."""
+
+    class NoVariance(eqx_norm.AbstractApproach):
+        def init(self, input_size, dtype):
+            return eqx_norm.Batch().init(input_size, dtype)
+
+        def train(self, batch, running, momentum, eps):
+            return batch.mean, batch.var, running
+
+        def infer(self, running, momentum):
+            return running.mean, running.var
+
+        def with_statistics(self, running, mean, var, counter):
+            return running
+
+    with pytest.raises(TypeError, match="needs_batch_variance"):
+        NoVariance()
+
+    class NoTrain(eqx_norm.Approach):
+        pass
+
+    with pytest.raises(TypeError, match="train"):
+        NoTrain()
+    for name, cls in eqx_norm.APPROACHES.items():
+        assert isinstance(cls(), eqx_norm.AbstractApproach), name
+        assert isinstance(cls.needs_batch_variance, bool), name

@@ -24,7 +24,8 @@ from .._checks import (
     real_statistic,
     step_count,
 )
-from ._approaches import APPROACHES, Approach, RunningStats, as_approach
+from ._approach import AbstractApproach, RunningStats
+from ._approaches import APPROACHES, as_approach
 from ._groups import Groups, checked_mask, statistics
 from ._kernels import affine
 from ._recording import Recording
@@ -112,7 +113,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     weight: Float[Array, " channels"] | None
     bias: Float[Array, " channels"] | None
     state_index: eqx.nn.StateIndex[RunningStats]
-    approach: Approach
+    approach: AbstractApproach
     axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
     inference: bool
     input_size: int = eqx.field(static=True)
@@ -127,7 +128,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self,
         input_size: int | np.integer,
         axis_name: Hashable | Sequence[Hashable],
-        approach: str | Approach = "batch",
+        approach: str | AbstractApproach = "batch",
         momentum: ArrayLike = 0.99,
         eps: ArrayLike = 1e-5,
         channelwise_affine: bool = True,
@@ -312,7 +313,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 )
         return running
 
-    def with_approach(self, approach: str | Approach) -> "BatchNorm":
+    def with_approach(self, approach: str | AbstractApproach) -> "BatchNorm":
         """This layer with another approach; its state stays valid.
 
         **Arguments:**
@@ -327,7 +328,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             lambda bn: bn.approach,
             self,
             as_approach(approach),
-            is_leaf=lambda x: isinstance(x, Approach),
+            is_leaf=lambda x: isinstance(x, AbstractApproach),
         )
 
     def with_compute_channels_last(

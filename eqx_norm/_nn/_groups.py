@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 from jaxtyping import Array
 
-from ._approaches import BatchStats
+from ._approach import BatchStats
 from ._kernels import expand, local_sums, masked_sums
 
 

@@ -3,7 +3,7 @@
 
 from typing import NamedTuple
 
-from ._approaches import BatchStats, RunningStats
+from ._approach import BatchStats, RunningStats
 
 
 class Recording(NamedTuple):

@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from .._checks import boolean
-from .._nn._approaches import Approach, RunningStats
+from .._nn._approach import AbstractApproach, RunningStats
 from .._nn._batch_norm import BatchNorm
 
 _UNKNOWN_LAYOUT = (
@@ -21,7 +21,7 @@ _UNKNOWN_LAYOUT = (
 def from_equinox(
     model: PyTree,
     state: eqx.nn.State,
-    approach: str | Approach | None = None,
+    approach: str | AbstractApproach | None = None,
     *,
     compute_channels_last: bool = False,
 ) -> tuple[PyTree, eqx.nn.State]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from .._nn._approaches import Approach, BatchStats
+from .._nn._approach import AbstractApproach, BatchStats
 from .._nn._batch_norm import OneValuePerChannelError
 from .._nn._groups import axis_names
 from .._nn._recording import Recording
@@ -65,7 +65,11 @@ def _recording(state: eqx.nn.State, indices: list[eqx.nn.StateIndex]) -> eqx.nn.
 
 
 def record_batch_statistics(
-    model: PyTree, state: eqx.nn.State, x: Any, tool: str, inner: Approach | None
+    model: PyTree,
+    state: eqx.nn.State,
+    x: Any,
+    tool: str,
+    inner: AbstractApproach | None,
 ) -> list[BatchStats | None]:
     """Every BatchNorm layer's statistics of the batch `x`, in `batch_norms` order:
     `None` where they were not finite, or where the layer was not called.

@@ -10,7 +10,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._checks import boolean
-from .._nn._approaches import Approach, as_approach
+from .._nn._approach import AbstractApproach
+from .._nn._approaches import as_approach
 from .._nn._batch_norm import BatchNorm
 
 
@@ -50,7 +51,7 @@ def no_batch_norm(what: str) -> ValueError:
 
 def set_approach(
     model: PyTree,
-    approach: str | Approach,
+    approach: str | AbstractApproach,
     *,
     where: Callable[[BatchNorm], bool] | None = None,
 ) -> PyTree:

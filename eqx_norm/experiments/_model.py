@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .. import Approach, BatchNorm
+from .. import AbstractApproach, BatchNorm
 
 
 class CNN(eqx.Module):
@@ -26,7 +26,7 @@ class CNN(eqx.Module):
 
     def __init__(
         self,
-        approach: str | Approach | None,
+        approach: str | AbstractApproach | None,
         momentum: float = 0.99,
         *,
         key: PRNGKeyArray,

@@ -3,18 +3,25 @@ with the running statistics of several approaches kept side by side in its state
 and recalibrated. What the lag experiment and the SAM comparison share."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 
-from .. import Approach, Batch, batch_norms, match_state, recalibrate, set_approach
+from .. import (
+    AbstractApproach,
+    Batch,
+    batch_norms,
+    match_state,
+    recalibrate,
+    set_approach,
+)
 
 BATCH_STATISTICS = "batch statistics"
 RECALIBRATED = "recalibrated"
 
 
-class SideBySide(Approach):
+class SideBySide(AbstractApproach):
     """Trains as the first of its approaches does, and keeps in its state the
     running statistics of every one of them side by side, each updated by the
     approach itself from the same batch statistics: a strategy of the experiments'
@@ -28,7 +35,8 @@ class SideBySide(Approach):
         is the one that trains.
     """
 
-    compared: tuple[tuple[str, Approach, float], ...] = eqx.field(static=True)
+    compared: tuple[tuple[str, AbstractApproach, float], ...] = eqx.field(static=True)
+    needs_batch_variance: ClassVar[bool] = True
 
     def init(self, input_size, dtype):
         base = Batch().init(input_size, dtype)
@@ -48,6 +56,16 @@ class SideBySide(Approach):
         )
         return mean, var, new
 
+    def infer(self, running, momentum):
+        return running.mean, running.var
+
+    def with_statistics(self, running, mean, var, counter):
+        kept = {
+            label: a.with_statistics(running.extra[label], mean, var, counter)
+            for label, a, _ in self.compared
+        }
+        return running._replace(mean=mean, var=var, counter=counter, extra=kept)
+
 
 def readings(
     model,
@@ -63,7 +81,7 @@ def readings(
     plain = set_approach(model, "batch")
     plain_state = match_state(plain, state)  # the statistics alone, no others kept
     read = {BATCH_STATISTICS: accuracy(plain, plain_state, False)}
-    layers = batch_norms(model)
+    layers = batch_norms(plain)  # the same state indices, approach batch
     for label in labels:
         with_running = jax.tree.map(lambda a: a, plain_state)  # a copy to set
         for _, bn in layers:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ... import APPROACHES, Approach, BatchNorm, sam
+from ... import APPROACHES, AbstractApproach, BatchNorm, sam
 from .. import _training as training
 from .._model import CNN
 from .._settings import SettingError, check_names, check_shared, wrap
@@ -47,7 +47,7 @@ class Config:
     """
 
     dataset: str = "digits"
-    approaches: tuple[str | Approach, ...] = DEFAULT_APPROACHES
+    approaches: tuple[str | AbstractApproach, ...] = DEFAULT_APPROACHES
     momentum: float = 0.99
     seeds: int = 3
     steps: int = 100
@@ -76,7 +76,7 @@ class Config:
                     f"holds the unknown approach {a!r}; choose from "
                     f"{KNOWN_APPROACHES}.",
                 )
-            if not isinstance(a, (str, Approach)):
+            if not isinstance(a, (str, AbstractApproach)):
                 raise SettingError(
                     "approaches",
                     f"holds {a!r}; give names or `eqx_norm.Approach` objects.",
@@ -153,7 +153,7 @@ def _batch_indices(n: int, seeds: int, steps: int, batch_size: int) -> np.ndarra
 
 
 def _train_one(
-    approach: str | Approach,
+    approach: str | AbstractApproach,
     use_sam: bool,
     config: Config,
     train: tuple[jax.Array, jax.Array],
@@ -190,7 +190,7 @@ def _train_one(
     return run
 
 
-def _ensemble(approach: str | Approach, optimizer, config: Config):
+def _ensemble(approach: str | AbstractApproach, optimizer, config: Config):
     """`(models, states, optimizer states)`, one per seed, stacked along axis 0."""
 
     def make(key):
@@ -202,12 +202,14 @@ def _ensemble(approach: str | Approach, optimizer, config: Config):
     return eqx.filter_vmap(make)(keys)
 
 
-def approach_name(approach: str | Approach) -> str:
+def approach_name(approach: str | AbstractApproach) -> str:
     """A name for an approach: the string itself, or a strategy's class name."""
     return approach if isinstance(approach, str) else type(approach).__name__
 
 
-def run_label(approach: str | Approach, use_sam: bool, adaptive: bool = False) -> str:
+def run_label(
+    approach: str | AbstractApproach, use_sam: bool, adaptive: bool = False
+) -> str:
     """The label of a run in [`eqx_norm.experiments.Results`][]`.runs`."""
     suffix = (" + ASAM" if adaptive else " + SAM") if use_sam else ""
     return approach_name(approach) + suffix
@@ -229,7 +231,7 @@ def run(config: Config = Config(), *, progress: bool = True) -> Results:
     start = time.perf_counter()
     train, test = training.load_splits(config.dataset, config.data_dir, config.download)
     recalibration = training.recalibration_batches(train[0])
-    plan: Sequence[tuple[str | Approach, bool]] = [
+    plan: Sequence[tuple[str | AbstractApproach, bool]] = [
         (a, False) for a in config.approaches
     ]
     if config.sam:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ... import Approach, BatchNorm
+from ... import AbstractApproach, BatchNorm
 
 
 class Block(eqx.Module):
@@ -45,7 +45,9 @@ class ResNet(eqx.Module):
     blocks: tuple[Block, Block]
     head: eqx.nn.Linear
 
-    def __init__(self, approach: str | Approach = "batch", *, key: PRNGKeyArray):
+    def __init__(
+        self, approach: str | AbstractApproach = "batch", *, key: PRNGKeyArray
+    ):
         keys = jax.random.split(key, 4)
         self.stem = eqx.nn.Conv2d(1, 16, 3, padding=1, use_bias=False, key=keys[0])
         self.bn = BatchNorm(16, "batch", approach=approach)
@@ -75,7 +77,9 @@ class MLP(eqx.Module):
     bn2: BatchNorm
     fc3: eqx.nn.Linear
 
-    def __init__(self, approach: str | Approach = "batch", *, key: PRNGKeyArray):
+    def __init__(
+        self, approach: str | AbstractApproach = "batch", *, key: PRNGKeyArray
+    ):
         k1, k2, k3 = jax.random.split(key, 3)
         self.fc1 = eqx.nn.Linear(784, 256, use_bias=False, key=k1)
         self.bn1 = BatchNorm(256, "batch", approach=approach)

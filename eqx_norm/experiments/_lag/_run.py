@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ... import Approach, Batch, Tracking, sam_step
+from ... import AbstractApproach, Batch, Tracking, sam_step
 from .. import _training as training
 from .._side_by_side import SideBySide, readings
 from ._config import REGIMES, TRACKING, LagConfig, LagResults, running_label
@@ -27,7 +27,7 @@ from ._models import MODELS
 
 def side_by_side(config: LagConfig) -> SideBySide:
     """The approaches whose running statistics the experiment reads."""
-    compared: list[tuple[str, Approach, float]] = [
+    compared: list[tuple[str, AbstractApproach, float]] = [
         (running_label(m), Batch(), m) for m in config.momenta
     ]
     compared.append((TRACKING, Tracking(), config.momenta[0]))
