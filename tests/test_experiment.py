@@ -12,8 +12,8 @@ import eqx_norm
 from eqx_norm import data, experiments
 from eqx_norm.experiments import __main__ as cli
 from eqx_norm.experiments._instability import _report
-from eqx_norm.experiments._sam import _comparison as _sam_comparison
 from eqx_norm.experiments._instability._run import _batch_indices
+from eqx_norm.experiments._sam import _comparison as _sam_comparison
 from eqx_norm.experiments._training import loss_with_output_stats
 
 
