@@ -273,16 +273,21 @@ def floating_dtype(name: str, dtype: Any, example: str) -> np.dtype:
     return dtype
 
 
-def momentum(value: Any, dtype: Any) -> float:
-    """`value` as the weight of the old value in a moving average kept in `dtype`:
-    a real scalar in [0, 1) that stays below 1 in `dtype` (at 1 the debiasing would
-    divide by zero). A `TypeError` or `ValueError` naming `momentum` otherwise."""
+def momentum_value(value: Any) -> float:
+    """`value` as the weight of the old value in a moving average: a real scalar in
+    [0, 1). A `TypeError` or `ValueError` naming `momentum` otherwise."""
     number = real_scalar("momentum", value)
     if not 0 <= number < 1:
         raise ValueError(
             f"`momentum` must be in [0, 1), got {number}. It is the weight of "
             "the old value: PyTorch's `momentum=0.1` is `momentum=0.9` here."
         )
+    return number
+
+
+def momentum_below_one(number: float, dtype: Any) -> float:
+    """A `ValueError` naming `momentum` if it rounds to 1 in the statistics' `dtype`
+    (at 1 the debiasing would divide by zero)."""
     dtype = np.dtype(dtype)
     if not np.asarray(number, dtype) < 1:
         raise ValueError(

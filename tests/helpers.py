@@ -60,6 +60,12 @@ def as_a_user_calls_it() -> Iterator[None]:
         jaxtyping.config.update("jaxtyping_disable", before)
 
 
+def stored(state, index) -> eqx_norm.RunningStats:
+    """The running statistics a BatchNorm layer's state index holds (outside a
+    recording pass, always a `RunningStats`)."""
+    return cast(eqx_norm.RunningStats, state.get(index))
+
+
 def leaves(tree) -> list[np.ndarray]:
     """The arrays of `tree` as NumPy arrays: a record of it before a call that must
     leave it unchanged (see `assert_same`)."""

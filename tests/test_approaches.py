@@ -14,7 +14,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import apply, batches, make
+from .helpers import apply, batches, make, stored
 
 F64 = np.float64
 
@@ -62,12 +62,12 @@ def test_running_counter_saturates_instead_of_wrapping():
     """Regression: with max_count 2**31 - 1 the int32 counter wrapped negative."""
     top = 2**31 - 1
     bn, state = make(3, approach=eqx_norm.Running(max_count=top))
-    stats = state.get(bn.state_index)
+    stats = stored(state, bn.state_index)
     state = state.set(bn.state_index, stats._replace(counter=jnp.int32(top - 10)))
     x = 5 + jax.random.normal(jax.random.key(0), (64, 3))
     for _ in range(2):
         _, state = apply(bn, x, state)
-        assert int(state.get(bn.state_index).counter) == top
+        assert int(stored(state, bn.state_index).counter) == top
 
 
 def test_running_does_not_overflow_at_large_variance():
@@ -197,7 +197,7 @@ def test_strategies_are_abstract_until_they_say_everything():
         pass
 
     with pytest.raises(TypeError, match="train"):
-        NoTrain()
+        NoTrain()  # pyright: ignore[reportAbstractUsage]
     for name, cls in eqx_norm.APPROACHES.items():
         assert isinstance(cls(), eqx_norm.AbstractApproach), name
         assert isinstance(cls.needs_batch_variance, bool), name

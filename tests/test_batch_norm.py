@@ -14,6 +14,7 @@ from .helpers import (
     clone,
     leaves,
     make,
+    stored,
     train_step,
     with_affine,
 )
@@ -555,7 +556,7 @@ def test_set_statistics_under_jit_stored_nan_or_negative_statistics(
     with pytest.raises(RuntimeError if jit else ValueError, match=message):
         jax.block_until_ready(_set_statistics(bn, jit)(state, mean, var, counter))
     _, state = apply(bn, batches(getkey(), 1, (8, 3))[0], state)
-    assert int(state.get(bn.state_index).counter) == 1
+    assert int(stored(state, bn.state_index).counter) == 1
 
 
 @_JIT_OR_NOT
@@ -564,7 +565,7 @@ def test_set_statistics_under_jit_stores_good_statistics_and_a_traced_counter(ji
     mean, var = np.array([0.5, -1.0, 2.0]), np.array([0.25, 4.0, 0.0])
     state = _set_statistics(bn, jit)(state, mean, var, np.int32(7))
     np.testing.assert_allclose(bn.statistics(state), (mean, var), rtol=1e-7)
-    assert int(state.get(bn.state_index).counter) == 7
+    assert int(stored(state, bn.state_index).counter) == 7
 
 
 @_JIT_OR_NOT

@@ -25,6 +25,7 @@ from .helpers import (
     assert_same,
     bn_at,
     leaves,
+    stored,
     trained_mlp,
 )
 
@@ -364,7 +365,7 @@ def test_checkpoint_of_a_folded_model_and_of_non_finite_statistics(tmp_path):
     statistics come back as they were, bit for bit."""
     model, state = trained_mlp()
     bn = bn_at(model, 1)
-    stats = state.get(bn.state_index)
+    stats = stored(state, bn.state_index)
     state = state.set(
         bn.state_index,
         stats._replace(mean=stats.mean.at[0].set(jnp.nan).at[1].set(-jnp.inf)),
@@ -613,3 +614,19 @@ def test_load_refuses_bytes_after_the_last_leaf(tail, tmp_path):
         eqx_norm.load(path, *like)
     assert_same(like, before)
     assert path.read_bytes() == content
+
+
+def test_the_layout_flag_is_not_in_the_file(tmp_path):
+    """`compute_channels_last` became an ordinary field (so that `eqx.tree_at`
+    switches it), a leaf of the model: a checkpoint leaves it out, so that files
+    written before load as they did, byte for byte the same format, and `load` keeps
+    the flag of the model it is given."""
+    model, state = trained_mlp()
+    moved = eqx_norm.set_compute_channels_last(model)
+    eqx_norm.save(tmp_path / "a.eqx", model, state)
+    eqx_norm.save(tmp_path / "b.eqx", moved, state)
+    assert (tmp_path / "a.eqx").read_bytes() == (tmp_path / "b.eqx").read_bytes()
+    loaded, _ = eqx_norm.load(tmp_path / "a.eqx", moved, state)
+    assert all(bn.compute_channels_last for _, bn in eqx_norm.batch_norms(loaded))
+    loaded, _ = eqx_norm.load(tmp_path / "b.eqx", model, state)
+    assert not any(bn.compute_channels_last for _, bn in eqx_norm.batch_norms(loaded))

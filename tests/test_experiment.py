@@ -16,6 +16,8 @@ from eqx_norm.experiments._instability._run import _batch_indices
 from eqx_norm.experiments._sam import _comparison as _sam_comparison
 from eqx_norm.experiments._training import loss_with_output_stats
 
+from .helpers import stored
+
 
 @pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.adam
@@ -903,7 +905,7 @@ def test_side_by_side_keeps_each_approach_as_its_own_layer_would(getkey):
         for label, (bn, other) in theirs.items():
             theirs[label] = (bn, _run_layer(bn, x, other)[1])
     for label, (bn, other) in theirs.items():
-        kept = state.get(ours.state_index).extra[label]
+        kept = stored(state, ours.state_index).extra[label]
         for a, b in zip((kept.mean, kept.var), bn.statistics(other)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=label)
 

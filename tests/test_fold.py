@@ -15,7 +15,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import assert_same, clone, leaves
+from .helpers import assert_same, clone, leaves, stored
 
 APPROACHES = list(eqx_norm.APPROACHES)
 F64 = np.float64
@@ -607,7 +607,7 @@ def test_fold_into_under_jit_does_not_check_a_zero_variance(getkey):
 def _set_raw(bn, state, **fields):
     """The state with this layer's stored statistics replaced as they are (past
     `set_statistics`' checks, as a corrupted state would have them)."""
-    return state.set(bn.state_index, state.get(bn.state_index)._replace(**fields))
+    return state.set(bn.state_index, stored(state, bn.state_index)._replace(**fields))
 
 
 @pytest.mark.parametrize(
@@ -788,7 +788,7 @@ def test_set_statistics_sets_the_inference_statistics(approach):
     mean, var = np.array([0.5, -1.0, 2.0]), np.array([0.25, 4.0, 1.0])
     state = bn.set_statistics(state, mean, var, counter=7)
     np.testing.assert_allclose(bn.statistics(state), (mean, var), rtol=1e-7)
-    assert int(state.get(bn.state_index).counter) == 7
+    assert int(stored(state, bn.state_index).counter) == 7
 
 
 # --------------------------------------------------------- from PyTorch and Flax

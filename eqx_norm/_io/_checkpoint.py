@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._nn._approaches import APPROACHES
-from .._tools._walk import batch_norms
+from .._tools._walk import batch_norms, is_batch_norm
 from ._processes import (
     describe_leaf,
     local_copy,
@@ -113,6 +113,7 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     # the target's folder, and keep the link.
     path = Path(os.path.realpath(path)) if path.is_symlink() else path
     header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
+    model = _without_layout(model)
     if jax.process_count() == 1:
         _write(path, header, (model, state))
         tidy(path, keep=None)
@@ -345,10 +346,11 @@ def load(
                         f"{key}={got[key]!r}, but this model has {key}={want[key]!r}. "
                         "Build the model with the saved settings."
                     )
+        like = (_without_layout(model), state)
         if version == _SHARDED:
-            return read_arrays(path, header, (model, state))
+            return _with_layout(read_arrays(path, header, like), model)
         try:
-            loaded = eqx.tree_deserialise_leaves(f, (model, state))
+            loaded = eqx.tree_deserialise_leaves(f, like)
         except (RuntimeError, ValueError) as e:
             raise ValueError(
                 f"{path}: does not match this model's structure: {e}"
@@ -359,7 +361,41 @@ def load(
                 "checkpoint of this model (appended to, or two files joined); "
                 "save the model again, or restore the file from a copy."
             )
-    return jax.tree.map(place_like, loaded, (model, state))
+    return _with_layout(jax.tree.map(place_like, loaded, like), model)
+
+
+class _NotSaved:
+    """Stands in a checkpoint's tree for a BatchNorm's `compute_channels_last`: a
+    layout of the computation, not of the model, which the file does not hold (so
+    that checkpoints from before it was a field still load); `load` keeps the
+    given model's."""
+
+
+def _without_layout(model: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda x: (
+            eqx.tree_at(lambda bn: bn.compute_channels_last, x, _NotSaved())
+            if is_batch_norm(x)
+            else x
+        ),
+        model,
+        is_leaf=is_batch_norm,
+    )
+
+
+def _with_layout(loaded: tuple[PyTree, eqx.nn.State], model: PyTree):
+    """The loaded model with each BatchNorm's layout flag taken from `model`."""
+    flags = iter(bn.compute_channels_last for _, bn in batch_norms(model))
+    restored = jax.tree.map(
+        lambda x: (
+            eqx.tree_at(lambda bn: bn.compute_channels_last, x, next(flags))
+            if is_batch_norm(x)
+            else x
+        ),
+        loaded[0],
+        is_leaf=is_batch_norm,
+    )
+    return restored, loaded[1]
 
 
 def _approach_name(key: str, text: str) -> str:

@@ -1,7 +1,6 @@
-import copy
 import functools
 from collections.abc import Hashable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -17,7 +16,8 @@ from .._checks import (
     channel_axis_of,
     count_of,
     floating_dtype,
-    momentum as checked_momentum,
+    momentum_below_one,
+    momentum_value,
     non_negative,
     positive_int,
     real_scalar,
@@ -29,6 +29,26 @@ from ._approaches import APPROACHES, as_approach
 from ._groups import Groups, checked_mask, statistics
 from ._kernels import affine
 from ._recording import Recording
+
+
+def _eps(value: Any) -> float:
+    eps = real_scalar("eps", value)
+    non_negative("eps", eps, "1e-5", schedule=False)
+    return eps
+
+
+def _channel_axis(value: Any) -> int:
+    return as_int("channel_axis", value, "channel_axis=-1")
+
+
+def _virtual_batch_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    return positive_int("virtual_batch_size", value, "virtual_batch_size=32")
+
+
+def _compute_channels_last(value: Any) -> bool:
+    return boolean("compute_channels_last", value)
 
 
 class OneValuePerChannelError(ValueError):
@@ -112,17 +132,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     weight: Float[Array, " channels"] | None
     bias: Float[Array, " channels"] | None
-    state_index: eqx.nn.StateIndex[RunningStats]
+    state_index: eqx.nn.StateIndex[RunningStats | Recording]
     approach: AbstractApproach
     axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
     inference: bool
     input_size: int = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True, converter=_eps)
     channelwise_affine: bool = eqx.field(static=True)
-    momentum: float = eqx.field(static=True)
-    channel_axis: int = eqx.field(static=True)
-    virtual_batch_size: int | None = eqx.field(static=True)
-    compute_channels_last: bool = eqx.field(static=True)
+    momentum: float = eqx.field(static=True, converter=momentum_value)
+    channel_axis: int = eqx.field(static=True, converter=_channel_axis)
+    virtual_batch_size: int | None = eqx.field(
+        static=True, converter=_virtual_batch_size
+    )
+    # Not static: a flag users switch on a built model, as `inference`.
+    compute_channels_last: bool = eqx.field(converter=_compute_channels_last)
 
     def __init__(
         self,
@@ -184,19 +207,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         input_size = count_of(
             "input_size", input_size, "the number of channels", "input_size=64"
         )
-        channel_axis = as_int("channel_axis", channel_axis, "channel_axis=-1")
-        if virtual_batch_size is not None:
-            virtual_batch_size = positive_int(
-                "virtual_batch_size", virtual_batch_size, "virtual_batch_size=32"
-            )
         self.approach = as_approach(approach)
         if dtype is None:
             dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
         dtype = floating_dtype("dtype", dtype, "dtype=jnp.float32")
         stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-        momentum = checked_momentum(momentum, stats_dtype)
-        eps = real_scalar("eps", eps)
-        non_negative("eps", eps, "1e-5", schedule=False)
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype)
             self.bias = jnp.zeros((input_size,), dtype)
@@ -209,14 +224,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
-        self.eps = eps
+        self.eps = eps  # pyright: ignore[reportAttributeAccessIssue]
         self.channelwise_affine = channelwise_affine
-        self.momentum = momentum
+        self.momentum = momentum  # pyright: ignore[reportAttributeAccessIssue]
         self.channel_axis = channel_axis
         self.virtual_batch_size = virtual_batch_size
-        self.compute_channels_last = boolean(
-            "compute_channels_last", compute_channels_last
-        )
+        self.compute_channels_last = compute_channels_last
+
+    def __check_init__(self):
+        # The momentum checked against the statistics' dtype, which it must stay
+        # below 1 in (at 1 the debiasing would divide by zero).
+        running = cast(RunningStats, self.state_index.init)
+        momentum_below_one(self.momentum, running.mean.dtype)
 
     def statistics(
         self, state: eqx.nn.State
@@ -335,7 +354,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self, compute_channels_last: bool = True
     ) -> "BatchNorm":
         """This layer with `compute_channels_last` set (see `__init__`); its state
-        stays valid. A static setting, so it cannot be switched by `eqx.tree_at`.
+        stays valid. The same as `eqx.tree_at(lambda b: b.compute_channels_last,
+        bn, flag)`, with the flag checked.
 
         **Arguments:**
 
@@ -349,11 +369,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         A `TypeError` for a value that is not a bool.
         """
-        value = boolean("compute_channels_last", compute_channels_last)
-        new = copy.copy(self)
-        # A frozen dataclass: the one field is set on the copy, before anyone holds it.
-        object.__setattr__(new, "compute_channels_last", value)
-        return new
+        value = _compute_channels_last(compute_channels_last)
+        return eqx.tree_at(lambda bn: bn.compute_channels_last, self, value)
 
     @jax.named_scope("eqx_norm.BatchNorm")
     def __call__(
@@ -398,13 +415,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         axis = channel_axis_of(x, self.input_size, self.channel_axis)
         running = self._running(state)
-        if _inference(self.inference if inference is None else inference):
+        if _flag(self.inference if inference is None else inference, "inference"):
             mean, var = self.approach.infer(running, self.momentum)
             return self._normalise(x, axis, mean, var), state
         if mask is not None:
             mask = checked_mask(mask, x, axis)
         example_axis, last = axis, x.ndim - 1
-        if self.compute_channels_last and axis != last:
+        if _flag(self.compute_channels_last, "compute_channels_last") and axis != last:
             x, axis = jnp.moveaxis(x, axis, last), last
             if mask is not None:
                 mask = jnp.moveaxis(mask, example_axis, last)
@@ -412,9 +429,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if isinstance(state.get(self.state_index), Recording):
             # A recording pass (see `Recording`): its output is this batch's
             # statistics, and the running statistics stay as they are.
-            index = cast(eqx.nn.StateIndex[Recording], self.state_index)
             n = jnp.asarray(batch.n, jnp.int32)
-            state = state.set(index, Recording(running, batch._replace(n=n)))
+            state = state.set(self.state_index, Recording(running, batch._replace(n=n)))
         else:
             state = state.set(self.state_index, new)
         y = self._normalise(x, axis, mean, var)
@@ -479,13 +495,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return affine(x, scale, offset, axis)
 
 
-def _inference(flag) -> bool:
-    """The `inference` flag as a bool, or a `TypeError` pointing to
-    `eqx.filter_jit` where it is traced: the model went through `jax.jit` as an
-    argument, which traces every leaf, Python bools included."""
+def _flag(flag, name: str) -> bool:
+    """A flag of the layer (`inference`, `compute_channels_last`) as a bool, or a
+    `TypeError` pointing to `eqx.filter_jit` where it is traced: the model went
+    through `jax.jit` as an argument, which traces every leaf, Python bools
+    included."""
     if isinstance(flag, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
         raise TypeError(
-            "`eqx_norm.BatchNorm` got an `inference` flag that is a traced array, "
+            f"`eqx_norm.BatchNorm` got an `{name}` flag that is a traced array, "
             "not a bool: the model was passed through `jax.jit` (or another "
             "transformation of all its leaves), which traces every leaf, the flag "
             "included. Use `eqx.filter_jit`, which keeps non-array leaves static, "

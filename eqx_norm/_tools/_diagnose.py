@@ -206,7 +206,7 @@ def diagnose(
     groups = _groups(model, state, x)
     out = []
     for i, ((path, bn), stats) in enumerate(zip(layers, recorded)):
-        running = state.get(bn.state_index)
+        running = bn._running(state)
         run_mean, run_var = (np.asarray(a, np.float64) for a in bn.statistics(state))
         if stats is None:
             nan = np.full(bn.input_size, np.nan)

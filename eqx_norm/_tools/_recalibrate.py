@@ -100,7 +100,7 @@ def recalibrate(
         raise ValueError("`recalibrate` got no batches; pass at least one.")
     state = copy_state(state)
     for (_, bn), (s1, s2) in zip(layers, sums):
-        old = state.get(bn.state_index)
+        old = bn._running(state)
         mean = s1 / count
         var = np.maximum(s2 / count - mean**2, 0)
         state = state.set(

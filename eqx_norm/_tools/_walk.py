@@ -121,7 +121,7 @@ def set_compute_channels_last(
     value = boolean("compute_channels_last", compute_channels_last)
     return _switch(
         model,
-        lambda bn: bn.with_compute_channels_last(value),
+        lambda bn: eqx.tree_at(lambda b: b.compute_channels_last, bn, value),
         where,
         "set_compute_channels_last",
     )

@@ -3,7 +3,7 @@ with the running statistics of several approaches kept side by side in its state
 and recalibrated. What the lag experiment and the SAM comparison share."""
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -86,7 +86,7 @@ def readings(
         with_running = jax.tree.map(lambda a: a, plain_state)  # a copy to set
         for _, bn in layers:
             # Every kept approach stores the statistics its inference uses.
-            kept = state.get(bn.state_index).extra[label]
+            kept = cast(Any, state.get(bn.state_index)).extra[label]
             with_running = bn.set_statistics(
                 with_running, kept.mean, kept.var, counter=kept.counter
             )
