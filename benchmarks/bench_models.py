@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None):
         )
         print(
             'approach="tracking": its step is '
-            f"{timing.ratio(times, TRACKING, 'eqx_norm'):.3f}x approach=\"batch\"'s"
+            f'{timing.ratio(times, TRACKING, "eqx_norm"):.3f}x approach="batch"\'s'
         )
         if CHANNELS_LAST in times:
             moved = {p: timing.ratio(times, CHANNELS_LAST, p) for p in PEERS[1:]}

@@ -26,9 +26,9 @@ from ._nn._batch_norm import BatchNorm as BatchNorm
 from ._nn._channel_affine import ChannelAffine as ChannelAffine
 from ._nn._tracking import Tracking as Tracking, TrackingStats as TrackingStats
 from ._sam._contract import (
+    AbstractStepGradient as AbstractStepGradient,
     NextPerturbation as NextPerturbation,
     Perturbation as Perturbation,
-    StepGradient as StepGradient,
     pass_point as pass_point,
     perturbed_gradient as perturbed_gradient,
 )
@@ -81,7 +81,7 @@ __all__ = [
     "RunningStats",
     "SAMState",
     "SmoothStart",
-    "StepGradient",
+    "AbstractStepGradient",
     "Tracking",
     "TrackingStats",
     "batch_norms",

@@ -337,3 +337,17 @@ def optax_transformation(value: Any, example: str) -> None:
             "`base_optimizer` must be an Optax gradient transformation, e.g. "
             f"`{example}`; got {type(value)}."
         )
+
+
+def describe(x: Any) -> str:
+    """A short picture of a pytree for an error message: arrays as dtype[shape]."""
+    if isinstance(x, eqx.nn.State):
+        return "State"
+    if isinstance(x, tuple):  # NamedTuples (optimizer states) by their names
+        name = type(x).__name__ if hasattr(x, "_fields") else ""
+        return name + "(" + ", ".join(describe(a) for a in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in x.items()) + "}"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{x.dtype}{list(x.shape)}"
+    return type(x).__name__

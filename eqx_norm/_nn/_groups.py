@@ -14,6 +14,7 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -199,19 +200,33 @@ def _ghost_batches(groups, x, axis, shift, mask, *, n, least, dtype) -> Statisti
 
 def _psum(sums, names):
     """`lax.psum` of `sums` over the named axes, or, where JAX's varying-axes check
-    (`jax.shard_map`'s default `check_vma=True`) refuses a collective over a `vmap`
-    axis, a `ValueError` that names the fix."""
-    try:
-        return lax.psum(sums, names)
-    except ValueError as error:
-        if "varying" not in str(error):
-            raise
-        raise ValueError(
-            f"`eqx_norm.BatchNorm(axis_name={names!r})` reduces over a `vmap` axis "
-            "inside `jax.shard_map`, whose varying-axes check refuses collectives "
-            "over `vmap` axes (so does `eqx.nn.BatchNorm`'s). Pass `check_vma=False` "
-            'to `jax.shard_map` ("Scaling out" in the guide shows the recipe).'
-        ) from error
+    (`jax.shard_map`'s default `check_vma=True`) would refuse a collective over a
+    `vmap` axis, a `ValueError` that names the fix. Decided from the arrays' types
+    before the call: under that check a value inside `shard_map` carries the mesh
+    axes it varies over, and a name that is no mesh axis is a `vmap` axis."""
+    varying = _varying(jax.tree.leaves(sums)[0])
+    if varying:
+        mesh = set(jax.sharding.get_abstract_mesh().axis_names)
+        vmapped = [name for name in names if name not in mesh]
+        if vmapped:
+            raise ValueError(
+                f"`eqx_norm.BatchNorm(axis_name={names!r})` reduces over the `vmap` "
+                f"axis {vmapped[0]!r} inside `jax.shard_map`, whose varying-axes "
+                "check refuses collectives over `vmap` axes (so does "
+                "`eqx.nn.BatchNorm`'s). Pass `check_vma=False` to `jax.shard_map` "
+                '("Scaling out" in the guide shows the recipe).'
+            )
+    return lax.psum(sums, names)
+
+
+def _varying(x) -> frozenset:
+    """The mesh axes `x` varies over inside `jax.shard_map` with its varying-axes
+    check on (empty elsewhere), from its type."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
 
 
 def _pooled(stacked, own, enough, n_own, n_update, dtype) -> Statistics:

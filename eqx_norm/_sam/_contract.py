@@ -25,7 +25,7 @@ Perturbation: TypeAlias = Callable[[optax.Updates, optax.Params], optax.Updates]
 structure of the parameters; the perturbed point is `params + e`."""
 
 
-class StepGradient(abc.ABC):
+class AbstractStepGradient(abc.ABC):
     """What [`eqx_norm.sam_step`][] passes an optimizer as `grad_fn`.
 
     Called with parameters, it is the plain `grad_fn`: the gradient of the step's
@@ -180,7 +180,7 @@ def perturbed_gradient(
 
     With a plain `grad_fn` (an `update` called by hand), this is
     `grad_fn(params + rule(grads, params))`. With the `grad_fn` that
-    [`eqx_norm.sam_step`][] passes (an [`eqx_norm.StepGradient`][]), the step
+    [`eqx_norm.sam_step`][] passes (an [`eqx_norm.AbstractStepGradient`][]), the step
     applies `rule` to the gradient its options name: `grads` by default, each
     device's own gradient with `per_device_perturbation=True`, or each micro-batch's
     own with `perturbation="per-micro-batch"`, and averages the gradients at the
@@ -229,7 +229,7 @@ def perturbed_gradient(
             f"-> e`, the perturbation, got {rule!r}; e.g. `lambda g, p: "
             "jax.tree.map(lambda x: rho * x, g)`."
         )
-    if isinstance(checked_fn, StepGradient):
+    if isinstance(checked_fn, AbstractStepGradient):
         return checked_fn.perturbed(rule, grads, checked_params)
     return checked_fn(perturb(checked_params, rule(grads, checked_params)))
 
