@@ -12,7 +12,7 @@ import numpy as np
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-def _concrete(value: Any) -> np.ndarray | None:
+def concrete(value: Any) -> np.ndarray | None:
     """`value` as a NumPy array, or `None` where it is traced (checked by no one
     at trace time, as in Optax)."""
     try:
@@ -25,7 +25,7 @@ def as_int(name: str, value: Any, example: str) -> int:
     """`value` as a Python int: a Python, NumPy or concrete JAX integer scalar of
     any integer type, but not a bool. A `TypeError` naming the argument otherwise."""
     array = None if isinstance(value, (bool, np.bool_, str, bytes)) else value
-    array = _concrete(array) if array is not None else None
+    array = concrete(array) if array is not None else None
     if array is None or array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(
             f"`{name}` must be an int, got {value!r} of type {type(value).__name__}; "
@@ -66,7 +66,7 @@ def real_scalar(name: str, value: Any) -> float:
     """`value` as a Python float: a real Python, NumPy or concrete JAX scalar, not a
     bool, string or complex number. A `TypeError` naming the argument otherwise."""
     array = None if isinstance(value, (bool, np.bool_, str, bytes)) else value
-    array = _concrete(array) if array is not None else None
+    array = concrete(array) if array is not None else None
     if (
         array is None
         or array.ndim != 0
@@ -100,7 +100,7 @@ def non_negative(name: str, value: Any, example: str, *, schedule: bool = True) 
         raise TypeError(
             f"`{name}` must be {accepted}, got {value!r}; e.g. `{name}={example}`."
         )
-    number = _concrete(value)
+    number = concrete(value)
     if number is None:
         return
     # `jnp.issubdtype`: NumPy does not count bfloat16 and the float8s as numbers.
@@ -178,8 +178,8 @@ def real_statistic(
     a wrong shape, at once; for values that are not finite or are negative, a
     `ValueError` at once where they are concrete, and a runtime error
     (`eqx.error_if`) under `jit`, so that no state is ever made from them."""
-    concrete = _concrete(value)
-    array = value if concrete is None else concrete
+    known = concrete(value)
+    array = value if known is None else known
     real = (jnp.integer, jnp.floating)  # jnp's: NumPy's omit bfloat16
     if not any(jnp.issubdtype(array.dtype, kind) for kind in real):
         raise TypeError(
@@ -202,7 +202,7 @@ def real_statistic(
         f"`{where}`: `{name}` has a negative value; pass a variance, not a standard "
         "deviation or a log-variance (e.g. `std**2` or `jnp.exp(log_var)`)."
     )
-    if concrete is None:
+    if known is None:
         stored = array.astype(dtype)
         stored = eqx.error_if(stored, ~jnp.all(jnp.isfinite(stored)), not_finite)
         if variance:
@@ -222,7 +222,7 @@ def step_count(name: str, value: Any, *, where: str, example: str) -> jax.Array:
     integer scalar, traced or not, but not a bool. A `TypeError` for any other
     value; a `ValueError` for a concrete one out of range, and a runtime error
     (`eqx.error_if`) for a traced one."""
-    if isinstance(value, (bool, np.bool_)) or _concrete(value) is not None:
+    if isinstance(value, (bool, np.bool_)) or concrete(value) is not None:
         count = as_int(name, value, example)
         if not 0 <= count <= INT32_MAX:
             raise ValueError(

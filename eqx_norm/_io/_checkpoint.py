@@ -49,7 +49,7 @@ def _approach_key(approach) -> str:
     return f"{type(approach).__name__}({fields})"
 
 
-def _describe(model: PyTree, state: eqx.nn.State) -> list[dict[str, Any]]:
+def _layer_headers(model: PyTree, state: eqx.nn.State) -> list[dict[str, Any]]:
     out = []
     for path, bn in batch_norms(model):
         mean, _ = bn.statistics(state)
@@ -112,7 +112,8 @@ def save(path: str | Path, model: PyTree, state: eqx.nn.State) -> None:
     # Through a symbolic link (`latest.eqx -> step100.eqx`): write its target, in
     # the target's folder, and keep the link.
     path = Path(os.path.realpath(path)) if path.is_symlink() else path
-    header = {"format": _FORMAT, "version": _VERSION, "layers": _describe(model, state)}
+    layers = _layer_headers(model, state)
+    header = {"format": _FORMAT, "version": _VERSION, "layers": layers}
     model = _without_layout(model)
     if jax.process_count() == 1:
         _write(path, header, (model, state))
@@ -326,7 +327,7 @@ def load(
         line = f.readline()
         layers, version, header = _read_header(path, line)
         saved = {layer["path"]: layer for layer in layers}
-        expected = {layer["path"]: layer for layer in _describe(model, state)}
+        expected = {layer["path"]: layer for layer in _layer_headers(model, state)}
         if version == 1:
             for layer in expected.values():
                 layer["approach"] = layer["approach_repr"]

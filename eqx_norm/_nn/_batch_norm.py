@@ -1,6 +1,5 @@
-import functools
 from collections.abc import Hashable, Sequence
-from typing import Any, cast
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -11,44 +10,27 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._checks import (
-    as_int,
-    boolean,
     channel_axis_of,
     count_of,
     floating_dtype,
     momentum_below_one,
     momentum_value,
-    non_negative,
-    positive_int,
-    real_scalar,
     real_statistic,
     step_count,
 )
 from ._approach import AbstractApproach, RunningStats
 from ._approaches import APPROACHES, as_approach
+from ._fields import (
+    channel_axis_field,
+    compute_channels_last_field,
+    eps_field,
+    static_flag,
+    virtual_batch_size_field,
+)
 from ._groups import Groups, checked_mask, statistics
+from ._guard import guarded, keep_where
 from ._kernels import affine
 from ._recording import Recording
-
-
-def _eps(value: Any) -> float:
-    eps = real_scalar("eps", value)
-    non_negative("eps", eps, "1e-5", schedule=False)
-    return eps
-
-
-def _channel_axis(value: Any) -> int:
-    return as_int("channel_axis", value, "channel_axis=-1")
-
-
-def _virtual_batch_size(value: Any) -> int | None:
-    if value is None:
-        return None
-    return positive_int("virtual_batch_size", value, "virtual_batch_size=32")
-
-
-def _compute_channels_last(value: Any) -> bool:
-    return boolean("compute_channels_last", value)
 
 
 class OneValuePerChannelError(ValueError):
@@ -137,15 +119,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     axis_name: Hashable | Sequence[Hashable] = eqx.field(static=True)
     inference: bool
     input_size: int = eqx.field(static=True)
-    eps: float = eqx.field(static=True, converter=_eps)
+    eps: float = eqx.field(static=True, converter=eps_field)
     channelwise_affine: bool = eqx.field(static=True)
     momentum: float = eqx.field(static=True, converter=momentum_value)
-    channel_axis: int = eqx.field(static=True, converter=_channel_axis)
+    channel_axis: int = eqx.field(static=True, converter=channel_axis_field)
     virtual_batch_size: int | None = eqx.field(
-        static=True, converter=_virtual_batch_size
+        static=True, converter=virtual_batch_size_field
     )
     # Not static: a flag users switch on a built model, as `inference`.
-    compute_channels_last: bool = eqx.field(converter=_compute_channels_last)
+    compute_channels_last: bool = eqx.field(converter=compute_channels_last_field)
 
     def __init__(
         self,
@@ -369,7 +351,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         A `TypeError` for a value that is not a bool.
         """
-        value = _compute_channels_last(compute_channels_last)
+        value = compute_channels_last_field(compute_channels_last)
         return eqx.tree_at(lambda bn: bn.compute_channels_last, self, value)
 
     @jax.named_scope("eqx_norm.BatchNorm")
@@ -415,13 +397,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         axis = channel_axis_of(x, self.input_size, self.channel_axis)
         running = self._running(state)
-        if _flag(self.inference if inference is None else inference, "inference"):
+        if static_flag(self.inference if inference is None else inference, "inference"):
             mean, var = self.approach.infer(running, self.momentum)
             return self._normalise(x, axis, mean, var), state
         if mask is not None:
             mask = checked_mask(mask, x, axis)
         example_axis, last = axis, x.ndim - 1
-        if _flag(self.compute_channels_last, "compute_channels_last") and axis != last:
+        channels_last = static_flag(self.compute_channels_last, "compute_channels_last")
+        if channels_last and axis != last:
             x, axis = jnp.moveaxis(x, axis, last), last
             if mask is not None:
                 mask = jnp.moveaxis(mask, example_axis, last)
@@ -457,7 +440,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # Ghost batches: the running statistics are updated once, from the mean
             # over the ghost batches.
             _, _, new = self.approach.train(stats.update, running, m, eps)
-        new = _guarded(stats.update, new, running)
+        new = guarded(stats.update, new, running)
         if stats.enough is not None:
             # A mask: a group with too few values is normalised as inference would
             # normalise it, and an update from too few leaves the state as it is.
@@ -465,7 +448,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             infer_mean, infer_var = self.approach.infer(running, m)
             mean = jnp.where(own_enough, mean, infer_mean)
             var = jnp.where(own_enough, var, infer_var)
-            new = _where(update_enough, new, running)
+            new = keep_where(update_enough, new, running)
         return mean, var, new, stats.update
 
     def _one_value_per_channel(self) -> OneValuePerChannelError:
@@ -493,52 +476,3 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             offset = -mean * scale
         return affine(x, scale, offset, axis)
-
-
-def _flag(flag, name: str) -> bool:
-    """A flag of the layer (`inference`, `compute_channels_last`) as a bool, or a
-    `TypeError` pointing to `eqx.filter_jit` where it is traced: the model went
-    through `jax.jit` as an argument, which traces every leaf, Python bools
-    included."""
-    if isinstance(flag, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
-        raise TypeError(
-            f"`eqx_norm.BatchNorm` got an `{name}` flag that is a traced array, "
-            "not a bool: the model was passed through `jax.jit` (or another "
-            "transformation of all its leaves), which traces every leaf, the flag "
-            "included. Use `eqx.filter_jit`, which keeps non-array leaves static, "
-            "e.g. `loss = eqx.filter_jit(loss_fn)`; pass `inference=` as a Python "
-            "bool."
-        )
-    return flag
-
-
-def _where(keep: Array, new: RunningStats, old: RunningStats) -> RunningStats:
-    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
-
-
-def _guarded(batch, new: RunningStats, old: RunningStats) -> RunningStats:
-    """`new`, unless this batch's or the new statistics are not finite, or the new
-    variance is negative: then `old`, so one bad batch (or an approach, built-in or
-    a user's, that overflows) cannot poison inference.
-
-    The two conditions are reduced over the channels together, in one variadic
-    reduction: XLA:CPU splits a single reduction over more than 32 channels into a
-    windowed one and a final one (two kernels, and the per-channel check a third),
-    but leaves a variadic reduction whole, with the check fused into it."""
-    stats = (batch.mean, batch.var, new.mean, new.var)
-    finite = functools.reduce(jnp.logical_and, map(jnp.isfinite, stats))
-    extra = [
-        a for a in jax.tree.leaves(new.extra) if jnp.issubdtype(a.dtype, jnp.floating)
-    ]
-    if extra:  # what an approach keeps besides (`Tracking`'s candidates), whole
-        finite = finite & functools.reduce(
-            jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in extra]
-        )
-    finite, non_negative = lax.reduce(
-        (finite, new.var >= 0), (True, True), _both, tuple(range(finite.ndim))
-    )
-    return _where(finite & non_negative, new, old)
-
-
-def _both(a, b):
-    return a[0] & b[0], a[1] & b[1]

@@ -229,9 +229,20 @@ def perturbed_gradient(
             f"-> e`, the perturbation, got {rule!r}; e.g. `lambda g, p: "
             "jax.tree.map(lambda x: rho * x, g)`."
         )
-    if isinstance(checked_fn, AbstractStepGradient):
-        return checked_fn.perturbed(rule, grads, checked_params)
-    return checked_fn(perturb(checked_params, rule(grads, checked_params)))
+    return gradient_at_perturbed(checked_fn, rule, grads, checked_params)
+
+
+def gradient_at_perturbed(
+    grad_fn: Callable[[optax.Params], optax.Updates],
+    rule: Perturbation,
+    grads: optax.Updates,
+    params: optax.Params,
+) -> optax.Updates:
+    """[`eqx_norm.perturbed_gradient`][] for arguments already checked (by the
+    built-in optimizers' `update`, with their own name in the message)."""
+    if isinstance(grad_fn, AbstractStepGradient):
+        return grad_fn.perturbed(rule, grads, params)
+    return grad_fn(perturb(params, rule(grads, params)))
 
 
 def check_update_args(name: str | None, grad_fn: Any, params: Any) -> tuple[Any, Any]:

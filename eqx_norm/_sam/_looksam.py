@@ -16,7 +16,7 @@ from .._checks import (
     optax_transformation,
     positive_int,
 )
-from ._contract import check_update_args, perturbed_gradient, sam_rule
+from ._contract import check_update_args, gradient_at_perturbed, sam_rule
 
 
 class LookSAMState(NamedTuple):
@@ -143,7 +143,7 @@ def looksam(
             radius = rho(state.steps) if callable(rho) else rho
             radius = non_negative_at_run_time("rho", radius, "looksam")
             rule = sam_rule(radius, adaptive, eta, mask)
-            g_s = perturbed_gradient(grad_fn, rule, g, params)
+            g_s = gradient_at_perturbed(grad_fn, rule, g, params)
             coef = jnp.where(
                 g_norm2 > 0, _dot(g, g_s) / jnp.where(g_norm2 > 0, g_norm2, 1), 0
             )

@@ -15,18 +15,27 @@ from .._state import copy_state
 from ._contract import perturb
 
 
+class MicroBatches(NamedTuple):
+    """What a per-micro-batch perturbation needs from the first pass, each stacked
+    on a leading axis: the micro-batches' arrays, the states they saw and their
+    gradients; and `join`, which makes one micro-batch's arguments of its arrays."""
+
+    arrays: Any
+    seen: Any
+    grads: Any
+    join: Callable[[Any], tuple]
+
+
 class FirstPass(NamedTuple):
     """The unperturbed pass: its mean loss, `rest` (the new state, with the aux),
     this device's mean gradient, `gradient_at(p)` (the mean gradient at other
-    parameters from the same input states), and, with micro-batches, the parts a
-    per-micro-batch perturbation needs: the micro-batches, the states they saw and
-    their gradients, stacked on a leading axis."""
+    parameters from the same input states), and, with micro-batches, `parts`."""
 
     loss: Any
     rest: Any
     grads: Any
     gradient_at: Callable[[Any], Any]
-    parts: tuple[Any, Any, Any, Callable[[Any], tuple]] | None
+    parts: MicroBatches | None
 
 
 def split(batch: tuple, m: int) -> tuple[Any, Callable[[Any], tuple]]:
@@ -117,21 +126,20 @@ def in_micro_batches(loss_and_rest, params, state, batch, m, has_aux) -> FirstPa
 
     rest = (state, auxes) if has_aux else state
     grads = optax.tree.scale(1 / m, total)
-    return FirstPass(
-        jnp.mean(losses), rest, grads, gradient_at, (micro, seen, each, join)
-    )
+    parts = MicroBatches(micro, seen, each, join)
+    return FirstPass(jnp.mean(losses), rest, grads, gradient_at, parts)
 
 
-def per_micro_batch(loss_and_rest, rule, params, parts):
+def per_micro_batch(loss_and_rest, rule, params, parts: MicroBatches):
     """The mean over micro-batches of the gradient at each one's own perturbed
     point, `params + rule(its gradient, params)`, one micro-batch at a time."""
-    micro, seen, each, join = parts
 
     def one(total, part):
         mb, mb_state, grads = part
-        loss_at = lambda p: loss_and_rest(p, mb_state, join(mb))[0]  # noqa: E731
+        loss_at = lambda p: loss_and_rest(p, mb_state, parts.join(mb))[0]  # noqa: E731
         point = perturb(params, rule(grads, params))
         return optax.tree.add(total, jax.grad(loss_at)(point)), None
 
-    total, _ = jax.lax.scan(one, optax.tree.zeros_like(params), (micro, seen, each))
-    return optax.tree.scale(1 / len(jax.tree.leaves(each)[0]), total)
+    stacked = (parts.arrays, parts.seen, parts.grads)
+    total, _ = jax.lax.scan(one, optax.tree.zeros_like(params), stacked)
+    return optax.tree.scale(1 / len(jax.tree.leaves(parts.grads)[0]), total)

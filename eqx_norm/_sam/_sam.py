@@ -12,7 +12,7 @@ from .._checks import (
     non_negative_at_run_time,
     optax_transformation,
 )
-from ._contract import check_update_args, perturbed_gradient, sam_rule
+from ._contract import check_update_args, gradient_at_perturbed, sam_rule
 
 
 class SAMState(NamedTuple):
@@ -135,7 +135,7 @@ def sam(
         radius = non_negative_at_run_time("rho", radius, "sam")
         rule = sam_rule(radius, adaptive, eta, mask)
         new_updates, base_state = base.update(
-            perturbed_gradient(grad_fn, rule, updates, params),
+            gradient_at_perturbed(grad_fn, rule, updates, params),
             state.base_state,
             params,
             **extra_args,

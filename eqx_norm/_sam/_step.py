@@ -37,66 +37,25 @@ def sam_step(
     """The training step of an Equinox model with state, for SAM or any optimizer.
 
     The first pass, at the current parameters, gives the loss, the gradient and the
-    new state. The optimizer's update is given `grad_fn` as an extra argument (an
-    [`eqx_norm.AbstractStepGradient`][]): a SAM-family optimizer such as
-    [`eqx_norm.sam`][] or [`eqx_norm.looksam`][] (anywhere inside `optax.chain`,
-    `optax.inject_hyperparams`, `optax.apply_if_finite` or `optax.MultiSteps`)
-    hands it its perturbation rule through [`eqx_norm.perturbed_gradient`][], and
-    the step returns the gradient at the perturbed point: a second pass that sees
-    the *same* input state and whose state output is dropped. So BatchNorm running
-    statistics are updated once per step, by the unperturbed pass, exactly as a
-    plain step would. Any other Optax optimizer ignores `grad_fn`, so the step is
-    the ordinary one-pass step, and one training loop serves both. The options
-    below say where the gradients come from; the optimizer says how it perturbs;
-    neither inspects the other. An optimizer that knows the point of its one
-    gradient before the step (one with an [`eqx_norm.NextPerturbation`][] in its
-    state, such as Momentum-SAM) gets its single pass taken there, the parameters it
-    updates staying unperturbed.
+    new state. The optimizer's update is also given `grad_fn` (an
+    [`eqx_norm.AbstractStepGradient`][]); a SAM-family optimizer, anywhere inside
+    `optax.chain`, `optax.inject_hyperparams`, `optax.apply_if_finite` or
+    `optax.MultiSteps`, hands it its perturbation rule through
+    [`eqx_norm.perturbed_gradient`][] and gets the gradient at the perturbed point:
+    a second pass from the *same* input state, whose state output is dropped, so
+    that running statistics are updated once per step. Any other optimizer ignores
+    `grad_fn` and the step is the plain one. An optimizer with an
+    [`eqx_norm.NextPerturbation`][] in its state (Momentum-SAM) gets its one pass
+    taken at the point it declares. The guide, with examples for several devices
+    and micro-batches, is [SAM and ASAM](../sam.md).
 
-    ```python
-    def loss_fn(model, state, x, y):
-        batch_model = jax.vmap(
-            model, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
-        )
-        logits, state = batch_model(x, state)
-        return cross_entropy(logits, y), state
-
-    step = eqx.filter_jit(eqx_norm.sam_step(loss_fn, eqx_norm.sam(optax.adam(3e-3))))
-    model, state, opt_state, loss = step(model, state, opt_state, x, y)
-    ```
-
-    Several devices. Under `jax.jit` with the batch sharded over a mesh (see
-    [`eqx_norm.shard_batch`][]), gradients are those of the global batch already:
-    leave `axis_name` as `None`. Inside `jax.shard_map`, where each device sees its
-    shard of the batch, pass the mesh axis as `axis_name`: the loss and gradients are
-    averaged across it, and by default the perturbation comes from the averaged
-    gradient, so SAM on 8 devices is SAM on the full batch. With
-    `per_device_perturbation=True` each device perturbs with its own gradient and
-    only the gradients at the perturbed points are averaged (the paper's
-    m-sharpness, with m the per-device batch); the optimizer itself is still given
-    the averaged gradient.
-
-    Micro-batches. With `micro_batches=m` the batch (every array of `*batch`, along
-    its leading axis) is split into `m` equal consecutive micro-batches, processed
-    one after another (`lax.scan`), so that the activation memory is that of one
-    micro-batch. The first pass threads the state through them (BatchNorm statistics
-    are updated once per micro-batch, as in any gradient accumulation) and averages
-    their gradients; the perturbation comes from that average, so it is SAM over the
-    whole batch; the second pass evaluates each micro-batch at the perturbed point
-    from the state that micro-batch saw in the first pass, drops its state output,
-    and averages the perturbed gradients. The loss returned is the mean of the
-    micro-batch losses, and an aux is that of each micro-batch, stacked on a leading
-    axis of size `m`. With a plain optimizer this is plain gradient accumulation.
-
-    With `perturbation="per-micro-batch"` each micro-batch is perturbed by its own
-    gradient instead, and only the gradients at the perturbed points are averaged:
-    the SAM paper's m-sharpness, with m the micro-batch size, on one device. The
-    second pass is still one micro-batch at a time; it keeps the `m` first-pass
-    gradients (`m` copies of the parameters' size) to do so. With `axis_name`, each
-    device's micro-batches are perturbed by their own gradients. With LookSAM the
-    steps that perturb do so per micro-batch. The per-device and per-micro-batch
-    options change only where a SAM-family optimizer's perturbation comes from: with
-    an optimizer that does not perturb, the step is the plain step.
+    With `per_device_perturbation=True` or `perturbation="per-micro-batch"` the
+    perturbation comes from each part's own gradient, which no transformation has
+    seen: a transformation chained *before* the SAM-family optimizer (say
+    `optax.chain(optax.clip_by_global_norm(1.0), eqx_norm.sam(base))`) then shapes
+    only the mean gradient it is given, not the perturbations. In every mode the
+    gradient at the perturbed points reaches the base optimizer unchanged by such
+    transformations: put them inside `base` to apply them to the update.
 
     **Arguments:**
 

@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._checks import concrete
 from .._nn._batch_norm import BatchNorm
 from .._nn._channel_affine import ChannelAffine
 from ._from_equinox import equinox_inference_statistics
@@ -17,12 +18,8 @@ from ._from_equinox import equinox_inference_statistics
 _FOLDABLE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 
 
-def _is_norm(x: Any) -> bool:
+def _is_batch_norm(x: Any) -> bool:
     return isinstance(x, (BatchNorm, eqx.nn.BatchNorm))
-
-
-def _describe(x: Any) -> str:
-    return type(x).__name__
 
 
 def _name(bn) -> str:
@@ -43,8 +40,8 @@ def _unfoldable(layer, bn) -> str | None:
         out = None
     if bn.input_size != out:
         return (
-            f"the {_describe(bn)} normalises {bn.input_size} channels, but the "
-            f"{_describe(layer)} before it has {out} output channels"
+            f"the {type(bn).__name__} normalises {bn.input_size} channels, but the "
+            f"{type(layer).__name__} before it has {out} output channels"
         )
     if not isinstance(bn, BatchNorm):
         return None  # `eqx.nn.BatchNorm` normalises axis 0
@@ -52,14 +49,14 @@ def _unfoldable(layer, bn) -> str | None:
     if not -ndim <= bn.channel_axis < ndim:
         return (
             f"the BatchNorm {_name(bn)} has `channel_axis={bn.channel_axis}`, out of "
-            f"range for the {ndim}-D output of the {_describe(layer)} before it (the "
-            "BatchNorm itself refuses that output); its output channels are "
+            f"range for the {ndim}-D output of the {type(layer).__name__} before it "
+            "(the BatchNorm itself refuses that output); its output channels are "
             f"`channel_axis=0` (or {-ndim})"
         )
     if bn.channel_axis % ndim != 0:
         return (
             f"the BatchNorm's `channel_axis={bn.channel_axis}` is not the "
-            f"{_describe(layer)}'s output channels (axis 0 of its {ndim}-D output)"
+            f"{type(layer).__name__}'s output channels (axis 0 of its {ndim}-D output)"
         )
     return None
 
@@ -78,13 +75,6 @@ def _statistics(bn, state: eqx.nn.State, where: str) -> tuple[Array, Array]:
         ) from None
 
 
-def _concrete(x: Array) -> np.ndarray | None:
-    try:
-        return np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return None  # under `jit`: not checked
-
-
 def _affine(bn, state: eqx.nn.State, where: str) -> tuple[Array, Array]:
     """`(scale, shift)` per channel: the BatchNorm's inference output is
     `x * scale + shift`. A `ValueError` naming the channel if either is not finite
@@ -96,7 +86,7 @@ def _affine(bn, state: eqx.nn.State, where: str) -> tuple[Array, Array]:
         shift = bn.bias.astype(scale.dtype) - mean * scale
     else:
         shift = -mean * scale
-    values = _concrete(jnp.stack([scale, shift]))
+    values = concrete(jnp.stack([scale, shift]))
     if values is not None and not np.all(np.isfinite(values)):
         channel = int(np.flatnonzero(~np.all(np.isfinite(values), axis=0))[0])
         m, v = float(mean[channel]), float(var[channel])
@@ -166,15 +156,15 @@ def fold_into(layer, bn, state: eqx.nn.State):
     outputs unfolded.
     """
     if not isinstance(layer, _FOLDABLE):
-        after = f" before the BatchNorm {_name(bn)}" if _is_norm(bn) else ""
+        after = f" before the BatchNorm {_name(bn)}" if _is_batch_norm(bn) else ""
         raise TypeError(
             f"`fold_into` folds into an `eqx.nn.Linear`, `eqx.nn.Conv` or "
-            f"`eqx.nn.ConvTranspose`, got a {_describe(layer)}{after}."
+            f"`eqx.nn.ConvTranspose`, got a {type(layer).__name__}{after}."
         )
-    if not _is_norm(bn):
+    if not _is_batch_norm(bn):
         raise TypeError(
             "`fold_into` folds an `eqx_norm.BatchNorm` or `eqx.nn.BatchNorm`, got a "
-            f"{_describe(bn)} after the {_describe(layer)}."
+            f"{type(bn).__name__} after the {type(layer).__name__}."
         )
     reason = _unfoldable(layer, bn)
     if reason is not None:
@@ -214,7 +204,7 @@ def _check_overflow(layer, bn, folded: tuple[Array, Array], where: str) -> None:
     """A `ValueError` if a folded weight or bias is infinite where the layer's own
     were finite: the scale overflowed the layer's dtype (float16, say)."""
     for name, new, old in zip(("weight", "bias"), folded, (layer.weight, layer.bias)):
-        new, old = _concrete(new), None if old is None else _concrete(old)
+        new, old = concrete(new), None if old is None else concrete(old)
         if new is None:
             return
         finite_before = (
@@ -225,7 +215,7 @@ def _check_overflow(layer, bn, folded: tuple[Array, Array], where: str) -> None:
             channel = int(np.flatnonzero(bad.any(axis=1))[0])
             raise ValueError(
                 f"{where}: folding the BatchNorm {_name(bn)} into the "
-                f"{_describe(layer)} overflows its {new.dtype} {name} in output "
+                f"{type(layer).__name__} overflows its {new.dtype} {name} in output "
                 f"channel {channel}. Fold a copy of the layer in a wider dtype, e.g. "
                 "`jax.tree.map(lambda a: a.astype(jnp.float32), layer)`, or keep "
                 "the BatchNorm."
@@ -337,7 +327,7 @@ def fold(
             for i, x in enumerate(seq.layers)
         ]
         for i in range(len(layers)):
-            if not _is_norm(layers[i]):
+            if not _is_batch_norm(layers[i]):
                 continue
             here = f"{where}.layers[{i}]"
             before = layers[i - 1] if i else None
@@ -359,13 +349,13 @@ def fold(
     def visit(path, x):
         if isinstance(x, eqx.nn.Sequential):
             return fold_sequential(x, jtu.keystr(path))
-        if _is_norm(x):  # in a module of the user's own
+        if _is_batch_norm(x):  # in a module of the user's own
             here = jtu.keystr(path) or _ROOT
             unfolded.append(f"{here} (in a module other than `eqx.nn.Sequential`)")
             return _served(x, state, f"`fold`: the BatchNorm at {here!r}")
         return x
 
-    is_node = lambda x: isinstance(x, eqx.nn.Sequential) or _is_norm(x)  # noqa: E731
+    is_node = lambda x: isinstance(x, eqx.nn.Sequential) or _is_batch_norm(x)  # noqa: E731
     if strict:
         jtu.tree_map_with_path(visit, model, is_leaf=is_node)  # to list them
         if unfolded:

@@ -20,7 +20,7 @@ marks."""
 _AFFINE = ("weight", "bias")
 
 
-def _is_norm(x: Any) -> bool:
+def _is_normalisation(x: Any) -> bool:
     return isinstance(x, NORMALISATION_LAYERS)
 
 
@@ -99,7 +99,7 @@ def normalisation_mask(params: optax.Params) -> PyTree[bool]:
     found = []
 
     def mark(x: Any) -> Any:
-        if not _is_norm(x):
+        if not _is_normalisation(x):
             return False
         mask = jax.tree.map(lambda _: False, x)
         for name in _AFFINE:
@@ -108,7 +108,7 @@ def normalisation_mask(params: optax.Params) -> PyTree[bool]:
                 found.append(name)
         return mask
 
-    mask = jax.tree.map(mark, params, is_leaf=_is_norm)
+    mask = jax.tree.map(mark, params, is_leaf=_is_normalisation)
     if not found:
         raise ValueError(
             "`eqx_norm.normalisation_mask` found no normalisation layer with a "
