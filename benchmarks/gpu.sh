@@ -35,11 +35,11 @@ cat "$OUT/machine.txt"
 # only). pytest-benchmark, where installed, warns under xdist, which the suite's
 # warnings-as-errors would turn into a failure: it is left out.
 stage tests "${TESTS_S:-200}" "$PY" -m pytest -o addopts="" -p no:cacheprovider \
-  -p no:benchmark -n 8 -q tests/test_batch_norm.py tests/test_approaches.py \
-  tests/test_gradients.py tests/test_batch_norm_options.py tests/test_fold.py \
-  tests/test_sam.py tests/test_looksam.py tests/test_micro_batches.py \
-  tests/test_tools.py tests/test_checkpoint.py tests/test_data.py \
-  tests/test_package.py tests/test_properties.py tests/test_fuzz.py
+  -p no:benchmark -n 8 -q tests/nn/test_batch_norm.py tests/nn/test_approaches.py \
+  tests/nn/test_gradients.py tests/nn/test_batch_norm_options.py tests/tools/test_fold.py \
+  tests/sam/test_sam.py tests/sam/test_looksam.py tests/sam/test_micro_batches.py \
+  tests/tools/test_tools.py tests/io/test_checkpoint.py tests/test_data.py \
+  tests/test_package.py tests/nn/test_properties.py tests/io/test_fuzz.py
 
 # The layer: the benchmark shapes and one that fills the card (a ResNet-50 stem
 # batch); ten calls per sample so that the device time, not one call's dispatch and

@@ -39,6 +39,6 @@ def test_every_guarantee_names_an_existing_test():
     named = set(re.findall(r"`(test_\w+)`", section))
     assert len(named) >= 20
     defined = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
+    for path in (ROOT / "tests").rglob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
     assert named <= defined, named - defined

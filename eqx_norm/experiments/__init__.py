@@ -67,15 +67,13 @@ from ._lag._report import (
 )
 from ._lag._run import run_lag as run_lag
 from ._model import CNN as CNN, loss_fn as loss_fn
-from ._sam._comparison import (
-    SAMConfig as SAMConfig,
-    SAMResults as SAMResults,
-    run_sam_comparison as run_sam_comparison,
-)
+from ._sam._comparison import run_sam_comparison as run_sam_comparison
+from ._sam._config import SAMConfig as SAMConfig
 from ._sam._summary import (
     Comparison as Comparison,
     Difference as Difference,
     MethodRow as MethodRow,
+    SAMResults as SAMResults,
     SAMSummary as SAMSummary,
     plot_sam as plot_sam,
     sam_table as sam_table,

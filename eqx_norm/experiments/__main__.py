@@ -19,7 +19,8 @@ from ._instability._run import DEFAULT_APPROACHES, KNOWN_APPROACHES, Config, run
 from ._lag._config import REGIMES, LagConfig
 from ._lag._report import lag_table, save_lag_results
 from ._lag._run import run_lag
-from ._sam._comparison import METHODS, SCHEDULES, SAMConfig, run_sam_comparison
+from ._sam._comparison import run_sam_comparison
+from ._sam._config import METHODS, SCHEDULES, SAMConfig
 from ._sam._summary import sam_table, save_sam_results
 from ._settings import (
     SettingError,

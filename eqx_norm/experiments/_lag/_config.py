@@ -160,7 +160,6 @@ class LagResults:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything, arrays as nested lists, with the
         summary."""
-        from ._report import lag_summary
 
         def plain(x):
             if isinstance(x, dict):
@@ -175,3 +174,24 @@ class LagResults:
             "summary": lag_summary(self),
             "runs": plain(self.runs),
         }
+
+
+def lag_summary(results: LagResults) -> dict[str, Any]:
+    """Per regime and reading, the test accuracy minus the same weights' accuracy
+    with batch statistics: at the last evaluation (mean over seeds and per seed)
+    and averaged over every evaluation and seed."""
+    out: dict[str, Any] = {}
+    for name, run in results.runs.items():
+        accuracy = run["accuracy"]
+        base = np.asarray(accuracy[BATCH_STATISTICS])
+        rows = {}
+        for label in results.readings():
+            a = np.asarray(accuracy[label])
+            rows[label] = {
+                "final": float(np.mean(a[:, -1])),
+                "final_vs_batch_statistics": float(np.mean(a[:, -1] - base[:, -1])),
+                "final_vs_batch_statistics_per_seed": (a[:, -1] - base[:, -1]).tolist(),
+                "all_evaluations_vs_batch_statistics": float(np.mean(a - base)),
+            }
+        out[name] = rows
+    return out

@@ -8,28 +8,7 @@ import numpy as np
 
 from .._figures import marks_note, save_figure
 from .._side_by_side import BATCH_STATISTICS, RECALIBRATED
-from ._config import REGIMES, TRACKING, LagResults, running_label
-
-
-def lag_summary(results: LagResults) -> dict[str, Any]:
-    """Per regime and reading, the test accuracy minus the same weights' accuracy
-    with batch statistics: at the last evaluation (mean over seeds and per seed)
-    and averaged over every evaluation and seed."""
-    out: dict[str, Any] = {}
-    for name, run in results.runs.items():
-        accuracy = run["accuracy"]
-        base = np.asarray(accuracy[BATCH_STATISTICS])
-        rows = {}
-        for label in results.readings():
-            a = np.asarray(accuracy[label])
-            rows[label] = {
-                "final": float(np.mean(a[:, -1])),
-                "final_vs_batch_statistics": float(np.mean(a[:, -1] - base[:, -1])),
-                "final_vs_batch_statistics_per_seed": (a[:, -1] - base[:, -1]).tolist(),
-                "all_evaluations_vs_batch_statistics": float(np.mean(a - base)),
-            }
-        out[name] = rows
-    return out
+from ._config import REGIMES, TRACKING, LagResults, lag_summary, running_label
 
 
 def lag_table(results: LagResults) -> str:

@@ -13,9 +13,9 @@ import numpy as np
 import scipy.stats
 
 from .._figures import marks_note, save_figure
-from ._comparison import (
+from ._config import (
     TWO_PASSES,
-    SAMResults,
+    SAMConfig,
     base_lengths,
     continued,
 )
@@ -160,6 +160,49 @@ def _verdict(mean: float, half: float, method: str, base: str) -> str:
     if lo > 0:
         return f"{base} better"
     return f"no difference larger than {max(abs(lo), abs(hi)):.3f}"
+
+
+@dataclasses.dataclass
+class SAMResults:
+    """What the SAM comparison measured.
+
+    **Attributes:**
+
+    - `config`: the [`eqx_norm.experiments.SAMConfig`][] that ran.
+    - `runs`: for each method, and for each longer run of the base
+        (`"adam @ 3000 steps"`), a dict of NumPy arrays: `loss` (per seed and
+        step), `eval_steps` (the steps after which the test error was read),
+        `gradient_evaluations` (the gradients of one batch evaluated by then), the
+        test error per evaluation and seed read four ways (`test_error`:
+        recalibrated, what the verdicts use; `test_error_running`: the running
+        statistics as training left them; `test_error_tracking`:
+        `approach="tracking"`'s, kept beside them; `test_error_batch_statistics`:
+        training mode on test batches of 1,000), `train_seconds` (per evaluation:
+        the ensemble's training time so far, compilation excluded) and
+        `seconds_per_step` (the median over its chunks of the ensemble's time per
+        step).
+    - `versions`: the versions of Python, JAX, Equinox, Optax and eqx_norm.
+    - `seconds`: the wall time of the whole comparison.
+    """
+
+    config: SAMConfig
+    runs: dict[str, dict[str, np.ndarray]]
+    versions: dict[str, str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of everything, arrays as nested lists, with the
+        summary."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "versions": self.versions,
+            "seconds": self.seconds,
+            "summary": summary(self).to_json(),
+            "runs": {
+                name: {k: np.asarray(v).tolist() for k, v in run.items()}
+                for name, run in self.runs.items()
+            },
+        }
 
 
 def summary(results: SAMResults) -> SAMSummary:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     apply,
     as_a_user_calls_it,
     assert_close,
@@ -28,7 +28,7 @@ from .helpers import (
     make,
     with_affine,
 )
-from .reference import REFERENCES
+from ..reference import REFERENCES
 
 F64 = np.float64
 APPROACHES = list(eqx_norm.APPROACHES)

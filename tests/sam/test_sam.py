@@ -11,7 +11,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     Net,
     apply,
     as_a_user_calls_it,
@@ -572,50 +572,6 @@ def test_sam_step_refuses_another_optimizers_state(make_opt, other, getkey):
         step(model, state, wrong.init(params), x, y)
     for a, b in zip(before, jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
-
-
-_WRAPPERS = {
-    "apply_if_finite": lambda opt: optax.apply_if_finite(opt, max_consecutive_errors=3),
-    "MultiSteps": lambda opt: optax.MultiSteps(opt, every_k_schedule=1),
-    "masked": lambda opt: optax.masked(opt, lambda p: jax.tree.map(lambda _: True, p)),
-}
-
-
-_STEP_MODES = {
-    "whole-batch": {},
-    "micro-batches": {"micro_batches": 2},
-    "per-micro-batch": {"micro_batches": 2, "perturbation": "per-micro-batch"},
-}
-
-
-@pytest.mark.standard_promotion  # optax.MultiSteps
-@pytest.mark.parametrize(
-    "wrapper, kwargs",
-    [
-        # Each wrapper and each mode once in the default tier (a diagonal); every
-        # pair in the slow tier.
-        pytest.param(
-            w,
-            k,
-            id=f"{m}-{w}",
-            marks=() if i == j else pytest.mark.slow,
-        )
-        for i, w in enumerate(sorted(_WRAPPERS))
-        for j, (m, k) in enumerate(_STEP_MODES.items())
-    ],
-)
-def test_every_step_mode_works_inside_optax_wrappers(wrapper, kwargs, getkey):
-    """Per-micro-batch perturbation crashed inside `optax.apply_if_finite` (its
-    gradients left the wrapper's `lax.cond` through a Python list). Every mode of
-    the step, inside each wrapper that may run the update conditionally, equals
-    the same step without the wrapper."""
-    model, state = eqx.nn.make_with_state(Net)(getkey())
-    x, y = regression_data(getkey())
-    opt = eqx_norm.sam(optax.sgd(0.1))
-    wrapped = one_step(_WRAPPERS[wrapper](opt), model, state, x, y, **kwargs)
-    assert_close(
-        wrapped, one_step(opt, model, state, x, y, **kwargs), rtol=1e-6, atol=1e-7
-    )
 
 
 def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getkey):

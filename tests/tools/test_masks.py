@@ -7,7 +7,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     MLP,
     Net,
     assert_close,

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     Net,
     apply,
     as_a_user_calls_it,
@@ -380,7 +380,7 @@ def test_process_local_rows_on_one_process_are_the_global_batch():
 @pytest.mark.slow  # a subprocess
 def test_multi_device_example_trains(tmp_path):
     """examples/multi_device.py: SyncBN and SAM on 8 devices, a few steps."""
-    script = Path(__file__).resolve().parent.parent / "examples" / "multi_device.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "multi_device.py"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run(
         [sys.executable, str(script), "--steps", "30"],

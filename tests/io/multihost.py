@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def start(
         children.append(
             (
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.multihost", json.dumps(spec)],
+                    [sys.executable, "-m", "tests.io.multihost", json.dumps(spec)],
                     cwd=ROOT,
                     env=dict(env, MULTIHOST_NOTES=str(folder / f"notes-{i}.jsonl")),
                     stdin=subprocess.DEVNULL,

@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_norm
 
-from .helpers import mse_loss
+from ..helpers import mse_loss
 from .multihost import ROOT, launch, note, results, start
 
 APPROACHES = list(eqx_norm.APPROACHES)

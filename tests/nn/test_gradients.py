@@ -17,7 +17,7 @@ import pytest
 # after each use) and differentiate the same layer both ways.
 import eqx_norm._nn._batch_norm as batch_norm_module
 
-from .helpers import apply, batches, make, with_affine
+from ..helpers import apply, batches, make, with_affine
 
 F64 = np.float64
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]

@@ -10,7 +10,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     Net,
     assert_close,
     assert_same,

@@ -14,7 +14,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import apply, batches, make, stored
+from ..helpers import apply, batches, make, stored
 
 F64 = np.float64
 

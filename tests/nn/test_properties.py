@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eqx_norm
 
-from .helpers import apply, clone
+from ..helpers import apply, clone
 
 APPROACHES = list(eqx_norm.APPROACHES)
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]

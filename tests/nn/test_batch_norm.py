@@ -7,7 +7,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     apply,
     assert_same,
     batches,
@@ -18,7 +18,7 @@ from .helpers import (
     train_step,
     with_affine,
 )
-from .reference import REFERENCES, FrozenRef
+from ..reference import REFERENCES, FrozenRef
 
 APPROACHES = list(eqx_norm.APPROACHES)
 F64 = np.float64

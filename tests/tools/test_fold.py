@@ -15,7 +15,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import assert_same, clone, leaves, stored
+from ..helpers import assert_same, clone, leaves, stored
 
 APPROACHES = list(eqx_norm.APPROACHES)
 F64 = np.float64

@@ -18,7 +18,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     MLP,
     Net,
     as_a_user_calls_it,
@@ -29,7 +29,7 @@ from .helpers import (
     trained_mlp,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow  # a subprocess

@@ -227,7 +227,7 @@ def test_inside_chain_and_inject_hyperparams():
 def test_looksam_through_sam_step_keeps_first_pass_state(getkey):
     """Through `sam_step` with a BatchNorm model: the state after each step is that
     of the plain step, on SAM steps and reuse steps alike."""
-    from .helpers import Net, clone, mse_loss
+    from ..helpers import Net, clone, mse_loss
 
     model, state = eqx.nn.make_with_state(Net)(getkey(), "batch")
     params = eqx.filter(model, eqx.is_inexact_array)

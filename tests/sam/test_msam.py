@@ -9,7 +9,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     Net,
     as_a_user_calls_it,
     assert_same,

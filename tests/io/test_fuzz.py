@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import eqx_norm
 from eqx_norm import data
 
-from .helpers import MLP, apply
+from ..helpers import MLP, apply
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)),

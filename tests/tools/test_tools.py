@@ -6,7 +6,7 @@ import pytest
 
 import eqx_norm
 
-from .helpers import (
+from ..helpers import (
     MLP,
     apply,
     assert_close,
