@@ -2,14 +2,17 @@
 models, and comparing pytrees leaf by leaf."""
 
 import contextlib
+import inspect
+import re
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxtyping
 import numpy as np
+import optax
 
 import eqx_norm
 
@@ -235,3 +238,15 @@ def trained_mlp(approach: str | eqx_norm.AbstractApproach = "batch", steps=3):
 
 def bn_at(model, i) -> eqx_norm.BatchNorm:
     return cast(eqx_norm.BatchNorm, model.layers[i])
+
+
+def docs_variant():
+    """`signed_sam(base, rho)`, the SAM variant written on the contract in a dozen
+    lines of `eqx_norm.perturbed_gradient`'s docstring, run from there."""
+    doc = inspect.getdoc(eqx_norm.perturbed_gradient) or ""
+    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert code is not None
+    namespace: dict[str, Any] = {"eqx_norm": eqx_norm, "optax": optax}
+    namespace |= {"jax": jax, "jnp": jnp}
+    exec(code.group(1), namespace)
+    return namespace["signed_sam"]

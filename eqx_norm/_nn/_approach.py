@@ -193,21 +193,9 @@ class AbstractStoredApproach(AbstractApproach):
         var: Float[Array, " channels"],
         counter: Int[Array, ""],
     ) -> RunningStats:
-        """The running statistics with the statistics that inference uses replaced:
-        what [`eqx_norm.BatchNorm.set_statistics`][], [`eqx_norm.recalibrate`][] and
-        [`eqx_norm.match_state`][] store.
-
-        **Arguments:**
-
-        - `running`: the running statistics now, of this approach's structure.
-        - `mean`, `var`: the statistics inference is to use.
-        - `counter`: the step counter to store.
-
-        **Returns:**
-
-        The new [`eqx_norm.RunningStats`][]. `mean`, `var` and `counter`
-        replaced, `extra` kept.
-        """
+        """As [`eqx_norm.AbstractApproach.with_statistics`][]: `mean`, `var` and
+        `counter` stored as they are, `extra` kept (what inference reads is what is
+        stored)."""
         return running._replace(mean=mean, var=var, counter=counter)
 
 

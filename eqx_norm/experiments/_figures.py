@@ -1,7 +1,10 @@
-"""What the experiments' figures share: the note saying what their marks are, and
-writing a figure out."""
+"""What the experiments' outputs share: the note saying what their marks are,
+writing a figure out, and a run's folder of figure, results and table."""
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def marks_note(seeds: int, centre: str, spread: str, statistic: str = "mean") -> str:
@@ -24,3 +27,24 @@ def save_figure(fig, path: str | Path, *, layout: bool = True) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_outputs(
+    out: str | Path,
+    payload: dict[str, Any],
+    table: str,
+    plot: Callable[[Path], Path],
+    figure: str,
+) -> dict[str, Path]:
+    """Write `results.json` (the `payload`), `table.txt` and the figure `figure`
+    (drawn by `plot(path)`) into the folder `out`; return a dict from kind
+    (`"plot"`, `"json"`, `"table"`) to the path written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    (out / "table.txt").write_text(table + "\n")
+    return {
+        "plot": plot(out / figure),
+        "json": out / "results.json",
+        "table": out / "table.txt",
+    }

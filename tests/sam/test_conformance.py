@@ -23,8 +23,6 @@ member inside every wrapper in every mode, and every reduction in every mode.
 
 import functools
 import inspect
-import re
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -34,20 +32,17 @@ import pytest
 
 import eqx_norm
 
-from ..helpers import Net, assert_close, assert_same, clone, mse_loss, regression_data
+from ..helpers import (
+    Net,
+    assert_close,
+    assert_same,
+    clone,
+    docs_variant,
+    mse_loss,
+    regression_data,
+)
 
 LR, RHO = 0.1, 0.05
-
-
-def _signed_sam():
-    """`signed_sam(base, rho)` from `eqx_norm.perturbed_gradient`'s docstring."""
-    doc = inspect.getdoc(eqx_norm.perturbed_gradient) or ""
-    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert code is not None
-    namespace: dict[str, Any] = {"eqx_norm": eqx_norm, "optax": optax}
-    namespace |= {"jax": jax, "jnp": jnp}
-    exec(code.group(1), namespace)
-    return namespace["signed_sam"]
 
 
 def _asam(base, rho):
@@ -65,7 +60,7 @@ MEMBERS = {
     "asam": _asam,
     "looksam": _looksam,
     "msam": eqx_norm.msam,
-    "signed_sam": _signed_sam(),
+    "signed_sam": docs_variant(),
 }
 
 MODES = {

@@ -1,5 +1,3 @@
-import inspect
-import re
 from typing import Any, NamedTuple, cast
 
 import equinox as eqx
@@ -19,6 +17,7 @@ from ..helpers import (
     assert_same,
     clone,
     counting,
+    docs_variant,
     leaves,
     mse_loss,
     one_step,
@@ -592,24 +591,12 @@ def test_per_micro_batch_under_inject_hyperparams_follows_the_injected_rho(getke
     )
 
 
-def _docs_variant():
-    """`signed_sam(base, rho)`, the SAM variant in a dozen lines of
-    `eqx_norm.perturbed_gradient`'s docstring, run from there."""
-    doc = inspect.getdoc(eqx_norm.perturbed_gradient) or ""
-    code = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert code is not None
-    namespace: dict[str, Any] = {"eqx_norm": eqx_norm, "optax": optax}
-    namespace |= {"jax": jax, "jnp": jnp}
-    exec(code.group(1), namespace)
-    return namespace["signed_sam"]
-
-
 def test_a_user_written_variant_on_the_contract(getkey):
     """The SAM variant of `eqx_norm.perturbed_gradient`'s docstring gets the
     gradient at `w + rho sign(g)`, through `sam_step`, against the same formula
     written out."""
     rho, lr = 0.03, 0.1
-    signed_sam = _docs_variant()
+    signed_sam = docs_variant()
 
     model, state = eqx.nn.make_with_state(Net)(getkey())
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -811,13 +798,18 @@ def test_opt_state_of_the_unfiltered_model_names_the_first_difference(getkey):
 
 
 @pytest.mark.standard_promotion  # optax.MultiSteps
-@pytest.mark.parametrize("make", [eqx_norm.sam, eqx_norm.looksam])
+@pytest.mark.parametrize(
+    "make",
+    [eqx_norm.sam, eqx_norm.looksam, lambda base: docs_variant()(base, 0.01)],
+    ids=["sam", "looksam", "docs-variant"],
+)
 def test_sam_inside_multi_steps_that_accumulates_is_refused(make, getkey):
     """Regression: SAM inside `optax.MultiSteps(every_k_schedule=k)` with k > 1
     perturbed with the accumulated gradient but took the perturbed gradient on the
     last mini-batch only: silently another optimizer. The step now stops at the
     first accumulating mini-step (k may be a schedule, so it is a run-time value),
-    before any update is applied, naming `micro_batches`."""
+    before any update is applied, naming `micro_batches`; a variant written on the
+    contract (the docs') is refused as `eqx_norm.sam` is."""
     model, state = eqx.nn.make_with_state(Net)(getkey())
     opt = optax.MultiSteps(make(optax.sgd(0.1)), every_k_schedule=2)
     step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
@@ -896,13 +888,13 @@ def _sign_rule(grads, params):
             r"this optimizer's `update` needs `params`.*`opt\.update\(grads, ",
         ),
         (
-            lambda p, g: (opt := _docs_variant()(optax.sgd(0.1), 0.01)).update(
+            lambda p, g: (opt := docs_variant()(optax.sgd(0.1), 0.01)).update(
                 g, opt.init(p), p
             ),
             r"this optimizer's `update` needs `grad_fn=`",
         ),
         (
-            lambda p, g: (opt := _docs_variant()(optax.sgd(0.1), 0.01)).update(
+            lambda p, g: (opt := docs_variant()(optax.sgd(0.1), 0.01)).update(
                 g, opt.init(p), grad_fn=lambda q: q
             ),
             r"this optimizer's `update` needs `params`",
@@ -980,27 +972,6 @@ def test_pass_point_refuses_a_declared_perturbation_that_is_not_a_tree(
     ):
         eqx_norm.pass_point(opt_state, params)
     assert_same((params, opt_state), before)
-
-
-@pytest.mark.standard_promotion  # optax.MultiSteps
-def test_the_docs_variant_inside_an_accumulating_multi_steps_is_refused(getkey):
-    """A variant written on the contract is refused inside an accumulating
-    `optax.MultiSteps` as `eqx_norm.sam` is, before any update is applied."""
-    model, state = eqx.nn.make_with_state(Net)(getkey())
-    opt = optax.MultiSteps(_docs_variant()(optax.sgd(0.1), 0.01), every_k_schedule=2)
-    step = eqx.filter_jit(eqx_norm.sam_step(mse_loss, opt))
-    x, y = regression_data(getkey())
-    model, state, opt_state, _ = step(
-        model, state, opt.init(eqx.filter(model, eqx.is_inexact_array)), x, y
-    )
-    before = leaves((model, state, opt_state))
-    with pytest.raises(
-        eqx.EquinoxRuntimeError,
-        match=r"inside `optax\.MultiSteps` with `every_k_schedule` above 1.*"
-        r"micro_batches=k",
-    ):
-        step(model, state, opt_state, x, y)
-    assert_same((model, state, opt_state), before)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,10 @@
 """The lag experiment's summary, table and figure."""
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._figures import marks_note, save_figure
+from .._figures import marks_note, save_figure, save_outputs
 from .._side_by_side import BATCH_STATISTICS, RECALIBRATED
 from ._config import REGIMES, TRACKING, LagResults, lag_summary, running_label
 
@@ -122,12 +120,10 @@ def save_lag_results(results: LagResults, out) -> dict[str, Any]:
 
     A dict from kind (`"plot"`, `"json"`, `"table"`) to the path written.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results.to_json(), indent=1))
-    (out / "table.txt").write_text(lag_table(results) + "\n")
-    return {
-        "plot": plot_lag(results, out / "lag.png"),
-        "json": out / "results.json",
-        "table": out / "table.txt",
-    }
+    return save_outputs(
+        out,
+        results.to_json(),
+        lag_table(results),
+        lambda path: plot_lag(results, path),
+        "lag.png",
+    )

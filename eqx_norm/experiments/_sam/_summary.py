@@ -4,7 +4,6 @@ equal steps and at equal gradient evaluations, Student's t intervals over seeds,
 verdicts worded by what they can resolve; the table and the figure."""
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from .._figures import marks_note, save_figure
+from .._figures import marks_note, save_figure, save_outputs
 from ._config import (
     TWO_PASSES,
     SAMConfig,
@@ -436,12 +435,10 @@ def save_sam_results(results: SAMResults, out: str | Path) -> dict[str, Path]:
 
     A dict from kind (`"plot"`, `"json"`, `"table"`) to the path written.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results.to_json(), indent=1))
-    (out / "table.txt").write_text(sam_table(results) + "\n")
-    return {
-        "plot": plot_sam(results, out / "sam.png"),
-        "json": out / "results.json",
-        "table": out / "table.txt",
-    }
+    return save_outputs(
+        out,
+        results.to_json(),
+        sam_table(results),
+        lambda path: plot_sam(results, path),
+        "sam.png",
+    )
