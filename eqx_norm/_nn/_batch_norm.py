@@ -18,7 +18,7 @@ from .._checks import (
     real_statistic,
     step_count,
 )
-from ._approach import AbstractApproach, AbstractStoredApproach, RunningStats
+from ._approach import AbstractApproach, RunningStats
 from ._approaches import APPROACHES, as_approach
 from ._fields import (
     channel_axis_field,
@@ -428,15 +428,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise self._one_value_per_channel()
         # The second moment is taken about the current inference mean, a constant
         # for the gradient, so that large offsets do not cancel in E[x^2] - E[x]^2.
-        # An approach that infers with what it stores has it finite (the guard and
-        # `set_statistics` keep it so): no check, and no kernel. Another's `infer`
-        # may not be (an undebiased average's 0 / 0 before its first step).
-        if type(self.approach).infer is AbstractStoredApproach.infer:
-            shift = running.mean
-        else:
-            shift, _ = self.approach.infer(running, self.momentum)
-            shift = jnp.where(jnp.isfinite(shift), shift, 0)
-        shift = lax.stop_gradient(shift)
+        shift, _ = self.approach.infer(running, self.momentum)
+        shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
         least = 2 if needs_variance else 1
         stats = statistics(
             groups, x, axis, shift, mask, least=least, dtype=running.mean.dtype
