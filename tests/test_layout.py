@@ -6,6 +6,11 @@ The parts, bottom to top: the argument checks and the state copy (`_checks`,
 (`_sam`), side by side and apart; the whole-model tools (`_tools`), on the layer;
 checkpoints and placement (`_io`); the public namespace; and the experiments, which
 use only what users can import.
+
+It reads the source: every import statement, every attribute chain on the package
+(`eqx_norm._nn.BatchNorm`), and no import by name (`importlib.import_module`).
+Importing any submodule still runs `eqx_norm/__init__.py`, which loads every part:
+the layout is that of the code's own references, which is what a reader follows.
 """
 
 import ast
@@ -60,8 +65,40 @@ def _imports() -> dict[str, set[str]]:
                     targets.add(submodule if submodule in modules else target)
             elif isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Attribute) and _dotted(node) is not None:
+                # `eqx_norm._nn._batch_norm.BatchNorm` reached through an import of
+                # another module: the attribute chain names the module it uses.
+                dotted = _dotted(node)
+                if dotted.startswith("eqx_norm."):
+                    targets.add(
+                        dotted.rpartition(".")[0] if dotted.count(".") > 1 else dotted
+                    )
+            elif isinstance(node, ast.Call) and _imports_by_name(node):
+                raise AssertionError(
+                    f"{name} imports by name ({ast.unparse(node)}): import the module "
+                    "itself, so that the layout can be read"
+                )
         graph[name] = {t for t in targets if t.split(".")[0] == "eqx_norm"}
     return graph
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """`a.b.c` for an attribute chain on a name, else `None`."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def _imports_by_name(node: ast.Call) -> bool:
+    """`importlib.import_module(...)` or `__import__(...)`, which the import
+    statements above would not show."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name in {"import_module", "__import__"}
 
 
 def _part(module: str) -> str:

@@ -237,7 +237,7 @@ def test_a_mode_a_member_cannot_take_is_refused_before_any_pass():
     # msam declares its one perturbation before the step: per-micro-batch
     # perturbation is refused, naming the option, with the state untouched.
     model, state, batches = _problem()
-    before = clone(state)
+    state, before = clone(state), clone(state)  # the cached state stays unused
     opt = eqx_norm.msam(_base(), RHO)
     step = eqx_norm.sam_step(mse_loss, opt, **MODES["per-micro-batch"])
     opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))

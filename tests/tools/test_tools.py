@@ -396,6 +396,35 @@ def test_recalibrate_with_a_non_finite_batch_leaves_the_state():
     assert_same(state, before)
 
 
+@pytest.mark.parametrize("approach", ["batch", "tracking"])
+def test_a_stored_mean_that_is_not_finite_is_repaired_by_recalibrate(approach):
+    """A running mean that is not finite (a state set by hand, a port of a
+    corrupted PyTorch buffer): training still normalises with the batch's own
+    statistics (finite output), and `recalibrate` repairs the statistics. Pins the
+    shift's check: with the stored mean taken as the shift unchecked, every
+    training output was NaN and `recalibrate` refused the model."""
+    model, state = trained_mlp(approach)
+    bn = bn_at(model, 1)
+    running = state.get(bn.state_index)
+    corrupt = clone(state).set(
+        bn.state_index, running._replace(mean=running.mean.at[0].set(jnp.nan))
+    )
+    x = 3 + 2 * jax.random.normal(jax.random.key(7), (16, 4))
+    y, _ = apply(model, x, clone(corrupt))
+    assert np.all(np.isfinite(np.asarray(y)))
+    batches = [
+        3 + 2 * jax.random.normal(k, (16, 4))
+        for k in jax.random.split(jax.random.key(8), 4)
+    ]
+    repaired = eqx_norm.recalibrate(model, clone(corrupt), batches)
+    mean, var = bn.statistics(repaired)
+    assert np.all(np.isfinite(np.asarray(mean))) and np.all(
+        np.isfinite(np.asarray(var))
+    )
+    expected = eqx_norm.recalibrate(model, clone(state), batches)
+    assert_close(bn.statistics(repaired), bn.statistics(expected), rtol=1e-6)
+
+
 def test_set_approach_where_matching_nothing():
     model, _ = trained_mlp()
     with pytest.raises(ValueError, match="`where` matched no BatchNorm"):
