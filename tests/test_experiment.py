@@ -626,6 +626,7 @@ def test_the_schedule_spans_each_runs_own_steps(schedule):
         experiments.SAMConfig(schedule="linear")
 
 
+@pytest.mark.slow  # a whole comparison, compiled for two methods (about 30 s)
 @pytest.mark.standard_promotion  # optax.adam
 def test_every_reading_is_recalibrated_from_one_set_of_batches(monkeypatch):
     """The test error the verdicts use is read with statistics recalibrated at the
@@ -910,6 +911,7 @@ def test_side_by_side_keeps_each_approach_as_its_own_layer_would(getkey):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=label)
 
 
+@pytest.mark.slow  # a whole lag run, compiled for every reading (about 10 s)
 @pytest.mark.standard_promotion  # optax.adam
 def test_lag_experiment_reads_every_approach_and_recalibrated(tmp_path):
     """A small run: every reading at every evaluation, the summary from them, the

@@ -473,7 +473,9 @@ def _moved(model):
     )
 
 
-@pytest.mark.parametrize("approach", ["batch", "tracking"])
+@pytest.mark.parametrize(
+    "approach", ["batch", pytest.param("tracking", marks=pytest.mark.slow)]
+)
 def test_diagnose_says_when_running_statistics_lag_and_not_once_recalibrated(
     approach, getkey
 ):
