@@ -65,14 +65,14 @@ def _imports() -> dict[str, set[str]]:
                     targets.add(submodule if submodule in modules else target)
             elif isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.Attribute) and _dotted(node) is not None:
+            elif isinstance(node, ast.Attribute):
                 # `eqx_norm._nn._batch_norm.BatchNorm` reached through an import of
                 # another module: the attribute chain names the module it uses.
-                dotted = _dotted(node)
+                dotted = _dotted(node) or ""
+                if dotted.count(".") > 1:  # a module's attribute: the module
+                    dotted = dotted.rpartition(".")[0]
                 if dotted.startswith("eqx_norm."):
-                    targets.add(
-                        dotted.rpartition(".")[0] if dotted.count(".") > 1 else dotted
-                    )
+                    targets.add(dotted)
             elif isinstance(node, ast.Call) and _imports_by_name(node):
                 raise AssertionError(
                     f"{name} imports by name ({ast.unparse(node)}): import the module "

@@ -1,3 +1,5 @@
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -405,7 +407,7 @@ def test_a_stored_mean_that_is_not_finite_is_repaired_by_recalibrate(approach):
     training output was NaN and `recalibrate` refused the model."""
     model, state = trained_mlp(approach)
     bn = bn_at(model, 1)
-    running = state.get(bn.state_index)
+    running = cast(eqx_norm.RunningStats, state.get(bn.state_index))
     corrupt = clone(state).set(
         bn.state_index, running._replace(mean=running.mean.at[0].set(jnp.nan))
     )
