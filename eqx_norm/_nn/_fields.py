@@ -29,10 +29,11 @@ def compute_channels_last_field(value: Any) -> bool:
 
 
 def static_flag(flag, name: str) -> bool:
-    """A flag of the layer (`inference`, `compute_channels_last`) as a bool, or a
-    `TypeError` pointing to `eqx.filter_jit` where it is traced: the model went
+    """A flag of the layer (`inference`, `compute_channels_last`) as a bool. A
+    `TypeError` pointing to `eqx.filter_jit` where it is traced (the model went
     through `jax.jit` as an argument, which traces every leaf, Python bools
-    included."""
+    included), and one naming the flag where it is not a bool (`eqx.tree_at` sets
+    a field without the constructor's check)."""
     if isinstance(flag, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
         raise TypeError(
             f"`eqx_norm.BatchNorm` got an `{name}` flag that is a traced array, "
@@ -42,4 +43,4 @@ def static_flag(flag, name: str) -> bool:
             "e.g. `loss = eqx.filter_jit(loss_fn)`; pass `inference=` as a Python "
             "bool."
         )
-    return flag
+    return boolean(name, flag)  # set by `eqx.tree_at`, it skipped the converter

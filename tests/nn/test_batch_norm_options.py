@@ -653,3 +653,16 @@ def test_hessian_equals_float64_reference(approach, getkey):
             columns.append((grad(x64 + e) - grad(x64 - e)) / (2 * h))
         reference = jnp.stack(columns, -1).reshape(x64.shape * 2)
     np.testing.assert_allclose(hessian, reference, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("flag", ["compute_channels_last", "inference"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_flag_set_by_tree_at_to_a_non_bool_is_named(flag, value):
+    """`eqx.tree_at` sets a field without the constructor's check: a flag set to
+    `"yes"` or `1` was taken as true, silently. Now the call names the flag."""
+    bn, state = make(3)
+    bad = eqx.tree_at(lambda b: getattr(b, flag), bn, value)
+    before = leaves(state)
+    with pytest.raises(TypeError, match=rf"`{flag}` must be True or False"):
+        apply(bad, jnp.ones((4, 3, 2)), state)
+    assert_same(state, before)
